@@ -335,6 +335,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         layer.add(name, r, alpha, config.lora_dropout, config)
     if config.target_modules == "all-linear":
         config.target_modules = targets  # PEFT saves the resolved names, so the file loads on any version
+    elif config.target_modules is None:
+        config.target_modules = list(DEFAULT_TARGETS[model.config.model_type])
     return targets
 
 
