@@ -49,7 +49,7 @@ class PeftModel(nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, _loading: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
@@ -66,9 +66,9 @@ class PeftModel(nn.Module):
             if heads:
                 lora.add_modules_to_save(self.base_model, heads, adapter_name, self._state)
             if isinstance(peft_config, LoraConfig):
-                # Loading never re-runs PiSSA/OLoRA: that would rewrite the base weights the file was trained on top of.
-                cfg = dataclasses.replace(peft_config, init_lora_weights=True) if _loading else peft_config
-                lora.inject(self.base_model, cfg, adapter_name, self._state)
+                # Loading a PiSSA/OLoRA adapter re-runs its init, as PEFT does: the file holds A and B trained on top
+                # of the residual W - s·B₀A₀, which only the same decomposition of the same base can rebuild.
+                lora.inject(self.base_model, peft_config, adapter_name, self._state)
             else:
                 self._add_prompt(adapter_name, peft_config)
         except BaseException:
@@ -330,12 +330,20 @@ class PeftModel(nn.Module):
         config = load_config(path)
         weights = checkpoint.read_weights(path)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, _loading=True)
+        self.add_adapter(adapter_name, config)
         try:
             self._copy_in(adapter_name, weights, path)
         except BaseException:
+            self._restore_principal(adapter_name)
             self.delete_adapter(adapter_name)
             raise
+
+    def _restore_principal(self, name: str) -> None:
+        """Undo a PiSSA/OLoRA init (W_res + s·B₀A₀ = W) when its adapter failed to load; A, B are still B₀, A₀."""
+        if getattr(self.peft_config.get(name), "init_lora_weights", True) in ("pissa", "olora"):
+            self.merge_adapter([name])
+            for _, m in lora.lora_layers(self.base_model):
+                m.merged_adapters.clear()
 
     def _copy_in(self, name: str, weights: dict[str, torch.Tensor], path: str) -> None:
         params = self._adapter_params(name)
@@ -357,12 +365,11 @@ class PeftModel(nn.Module):
         config = config or load_config(path)
         weights = checkpoint.read_weights(path)
         config.inference_mode = not is_trainable
-        loaded_cfg = dataclasses.replace(config, init_lora_weights=True) if isinstance(config, LoraConfig) else config
-        peft_model = cls(model, loaded_cfg, adapter_name)
-        peft_model.peft_config[adapter_name] = config
+        peft_model = cls(model, config, adapter_name)
         try:
             peft_model._copy_in(adapter_name, weights, path)
         except BaseException:
+            peft_model._restore_principal(adapter_name)
             peft_model.unload()
             raise
         if not is_trainable:

@@ -107,3 +107,25 @@ def test_bad_targets_and_hyperparameters():
         LoraConfig(lora_dropout=1.0)
     with pytest.raises(TypeError, match="LlamaRMSNorm"):
         get_peft_model(tiny.llama(), LoraConfig(target_modules=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_init_adapters_round_trip_like_peft(init, tmp_path):
+    """The file holds A, B trained over the residual; loading redoes the decomposition of the original base."""
+    import peft
+
+    pm = get_peft_model(tiny.llama(), LoraConfig(r=4, lora_alpha=4, init_lora_weights=init))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    x = tiny.ids()
+    with torch.no_grad():
+        trained = pm(input_ids=x).logits
+    pm.save_pretrained(tmp_path)
+    from smolpeft import PeftModel
+
+    for lib in (PeftModel, peft.PeftModel):
+        loaded = lib.from_pretrained(tiny.llama(), tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=x).logits, trained, atol=1e-4, rtol=0)
