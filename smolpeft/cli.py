@@ -1,0 +1,322 @@
+"""The `smolpeft` command: thin argument parsing over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+
+TRAIN_EXAMPLES = """examples:
+  smolpeft train                                    # LoRA on the bundled MiniLM, built-in sentiment task
+  smolpeft train --task intent --rank 16 --epochs 2
+  smolpeft train --model ./my-llama --data chat.jsonl --targets all-linear --max-steps 200
+  smolpeft train --method prompt --virtual-tokens 20 --prompt-init TEXT --prompt-init-text "Classify:"
+  smolpeft train --config run.yaml --lr 5e-4       # flags override the YAML file
+  smolpeft train --output-dir runs/x --save-every 50 && smolpeft train --output-dir runs/x --resume runs/x/checkpoint-50
+"""
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with an adapter", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file whose keys are the flag names (with - or _)")
+    p.add_argument("--model", help="base model directory or Hub id (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--data", help="JSONL/JSON/CSV/Parquet file, or a Hub dataset name")
+    p.add_argument("--task", help="built-in task: sentiment, topic, intent, chat (default: sentiment)")
+    p.add_argument("--method", choices=["lora", "qlora", "prompt", "full"])
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    p.add_argument("--warmup", type=float, help="warmup as a fraction of the steps")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, help="max gradient norm (0: off)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--targets", help="comma-separated module names, a regex, or all-linear")
+    p.add_argument("--rslora", action="store_true", default=None)
+    p.add_argument("--virtual-tokens", type=int)
+    p.add_argument("--prompt-init", choices=["RANDOM", "TEXT", "SAMPLE_VOCAB"])
+    p.add_argument("--prompt-init-text")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="a checkpoint-N directory written by --save-every")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--early-stop", type=int, help="patience in evals without a lower eval loss")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--train-on-prompt", action="store_true", default=None)
+
+
+def train_config(args: argparse.Namespace):
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    import yaml
+
+    from .train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of option: value")
+        for k, v in loaded.items():
+            key = k.replace("-", "_")
+            if key not in fields:
+                raise ValueError(f"{args.config}: unknown key {k!r}; known: {', '.join(sorted(fields))}")
+            values[key] = v
+    values |= {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return TrainConfig(**values)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    s = train(train_config(args))
+    b, a = s["before"], s["after"]
+    metric = "eval_accuracy" if "eval_accuracy" in a else "eval_perplexity"
+    print(f"\n{metric.removeprefix('eval_')}: {b[metric]:.4f} before -> {a[metric]:.4f} after "
+          f"({s['steps']} steps, {s['train_time_s']:.0f}s, {s['tokens_per_s']:,.0f} tokens/s)")
+    print(f"trainable parameters: {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.3f}%)")
+    print(f"adapter written to {s['config']['output_dir']}")
+    return 0
+
+
+def _load(adapter: str | None, model: str | None, for_training: bool = False):
+    """(model, tokenizer, kind) from an adapter dir (base from --model or the adapter's config) or a plain model."""
+    import transformers
+
+    from .config import load_config
+    from .model import PeftModel
+
+    if adapter is None and model is None:
+        raise ValueError("give --adapter DIR and/or --model BASE")
+    config = load_config(adapter) if adapter else None
+    base_path = model or config.base_model_name_or_path
+    if not base_path:
+        raise ValueError(f"{adapter}/adapter_config.json has no base_model_name_or_path; pass --model")
+    kind = "cls" if config and config.task_type == "SEQ_CLS" else None
+    if kind is None:
+        mc = transformers.AutoConfig.from_pretrained(base_path)
+        kind = "cls" if any(a.endswith("ForSequenceClassification") for a in (mc.architectures or [])) else "lm"
+    tok_src = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base_path
+    tok = transformers.AutoTokenizer.from_pretrained(tok_src)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if kind == "cls":
+        from .checkpoint import read_weights
+
+        kw = {}
+        if adapter:
+            for k, v in read_weights(adapter).items():
+                if k.endswith(("classifier.weight", "score.weight")):
+                    kw["num_labels"] = v.shape[0]
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, **kw)
+    else:
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_path)
+    m = PeftModel.from_pretrained(base, adapter, is_trainable=for_training) if adapter else base
+    return m.eval(), tok, kind, base_path
+
+
+def cmd_eval(args) -> int:
+    from .data import encode, load_data
+    from .train import evaluate
+
+    model, tok, kind, _ = _load(args.adapter, args.model)
+    ds = load_data(args.data, args.task)
+    if ds.kind != kind:
+        raise ValueError(f"the data is for {'classification' if ds.kind == 'cls' else 'language modelling'}, the model is not")
+    if kind == "cls":
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if set(ds.labels) - set(names):
+            raise ValueError(f"labels {sorted(set(ds.labels) - set(names))} are unknown to the model (it has {names})")
+        ds.labels = names  # the model's label order decides the ids
+    examples, _ = encode(ds, "eval", tok, args.max_length)
+    result = evaluate(model, examples, kind, tok.pad_token_id)
+    if kind == "lm" and args.exact_match:
+        result["exact_match"] = exact_match(model, tok, ds.eval, args.max_new_tokens)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def exact_match(model, tok, rows: list[dict], max_new_tokens: int) -> float:
+    """Share of rows whose greedy continuation equals the reference completion or last assistant turn."""
+    from .data import _chat
+
+    hits = 0
+    for row in rows:
+        if "messages" in row:
+            ids, ref = _chat(tok, row["messages"][:-1], add_generation_prompt=True), row["messages"][-1]["content"]
+        else:
+            ids, ref = tok(row["prompt"])["input_ids"], row["completion"]
+        out = model.generate(input_ids=__import__("torch").tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        hits += tok.decode(out[0, len(ids):], skip_special_tokens=True).strip() == ref.strip()
+    return hits / max(len(rows), 1)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .data import _chat
+
+    model, tok, kind, _ = _load(args.adapter, args.model)
+    if kind == "cls":
+        enc = tok(args.prompt, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**enc).logits.softmax(-1)[0]
+        for i in probs.argsort(descending=True).tolist():
+            print(f"{model.config.id2label[i]}\t{probs[i]:.4f}")
+        return 0
+    ids = _chat(tok, [{"role": "user", "content": args.prompt}], add_generation_prompt=True) if args.chat else tok(args.prompt)["input_ids"]
+    sample = args.temperature > 0
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=sample,
+                         temperature=args.temperature if sample else None, pad_token_id=tok.pad_token_id)
+    print(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    import torch
+
+    model, tok, kind, _ = _load(args.adapter, args.model)
+    if args.adapter is None:
+        raise ValueError("merge needs --adapter")
+    probe = tok(["The quick brown fox jumps over the lazy dog.", "Hello!"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**probe).logits
+        merged = model.merge_and_unload()
+        after = merged(**probe).logits
+    diff = (before - after).abs().max().item()
+    if diff > args.atol:
+        raise ValueError(f"merged model differs from base+adapter by {diff:.2e} > --atol {args.atol:g}; nothing written")
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-merge-")
+    try:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.exists(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.replace(tmp, args.output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"merged {type(merged).__name__} written to {args.output_dir} (max |logit difference| {diff:.2e})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import read_weights
+    from .config import WEIGHTS_NAME, load_config
+
+    config = load_config(args.adapter)
+    weights = read_weights(args.adapter)
+    size = os.path.getsize(os.path.join(args.adapter, WEIGHTS_NAME)) if os.path.exists(os.path.join(args.adapter, WEIGHTS_NAME)) else 0
+    info = {
+        "method": config.peft_type.value, "task_type": config.task_type, "base_model": config.base_model_name_or_path,
+        "parameters": sum(v.numel() for v in weights.values()), "tensors": len(weights), "size_bytes": size,
+    }
+    if config.peft_type.value == "LORA":
+        info |= {"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+                 "target_modules": config.target_modules, "modules_to_save": config.modules_to_save}
+    else:
+        info |= {"num_virtual_tokens": config.num_virtual_tokens, "prompt_tuning_init": config.prompt_tuning_init}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smolpeft", description="Parameter-efficient fine-tuning: LoRA, QLoRA, prompt tuning.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command")
+    _train_parser(sub)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("eval", help="loss, perplexity or accuracy of a model/adapter on data", formatter_class=raw,
+                       epilog="examples:\n  smolpeft eval --adapter runs/sentiment-lora --task sentiment\n"
+                              "  smolpeft eval --adapter runs/chat --data test.jsonl --exact-match")
+    p.add_argument("--adapter")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--task")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--exact-match", action="store_true", help="also greedy-generate and compare to the reference")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+    p = sub.add_parser("generate", help="generate from a prompt (or classify it) with an adapter", formatter_class=raw,
+                       epilog='examples:\n  smolpeft generate --adapter runs/chat --prompt "What is 2+2?" --chat\n'
+                              '  smolpeft generate --adapter runs/sentiment-lora --prompt "Loved it."')
+    p.add_argument("--adapter")
+    p.add_argument("--model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers model", formatter_class=raw,
+                       epilog="examples:\n  smolpeft merge --adapter runs/chat --output-dir merged/\n"
+                              "  smolpeft merge --adapter runs/chat --model ./base --output-dir merged/")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--model")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--atol", type=float, default=1e-4, help="largest logit difference accepted before writing")
+
+    p = sub.add_parser("inspect", help="describe an adapter directory", formatter_class=raw,
+                       epilog="examples:\n  smolpeft inspect runs/sentiment-lora\n  smolpeft inspect runs/chat --json")
+    p.add_argument("adapter")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar is the one that matters; loading bars from transformers/datasets only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv == ["--debug"]:
+        argv = [*argv, "train"]  # bare `smolpeft` runs the main job
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    if args.command is None:
+        build_parser().error("choose a command: train, eval, generate, merge, inspect")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users; the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"smolpeft {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

