@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load(adapter: str | None, model: str | None, for_training: bool = False):
+def _load(adapter: str | None, model: str | None, for_training: bool = False, load_4bit: bool = False):
     """(model, tokenizer, kind) from an adapter dir (base from --model or the adapter's config) or a plain model."""
     import transformers
 
@@ -114,17 +114,21 @@ def _load(adapter: str | None, model: str | None, for_training: bool = False):
     tok = transformers.AutoTokenizer.from_pretrained(tok_src)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    kw = {}
+    if load_4bit:
+        from .qlora import bnb_config
+
+        kw["quantization_config"] = bnb_config()
     if kind == "cls":
         from .checkpoint import read_weights
 
-        kw = {}
         if adapter:
             for k, v in read_weights(adapter).items():
                 if k.endswith(("classifier.weight", "score.weight")):
                     kw["num_labels"] = v.shape[0]
         base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, **kw)
     else:
-        base = transformers.AutoModelForCausalLM.from_pretrained(base_path)
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_path, **kw)
     m = PeftModel.from_pretrained(base, adapter, is_trainable=for_training) if adapter else base
     return m.eval(), tok, kind, base_path
 
@@ -190,14 +194,18 @@ def cmd_generate(args) -> int:
 def cmd_merge(args) -> int:
     import torch
 
-    model, tok, kind, _ = _load(args.adapter, args.model)
-    if args.adapter is None:
-        raise ValueError("merge needs --adapter")
+    from .qlora import DTYPES, dequantize
+
+    model, tok, kind, _ = _load(args.adapter, args.model, load_4bit=args.load_4bit)
     probe = tok(["The quick brown fox jumps over the lazy dog.", "Hello!"], return_tensors="pt", padding=True)
     with torch.no_grad():
         before = model(**probe).logits
+        if args.load_4bit:  # QLoRA: merge into a dequantized copy of the 4-bit base it was trained on
+            dequantize(model, DTYPES[args.dtype])
+        elif args.dtype != "fp32":
+            model.base_model.to(DTYPES[args.dtype])
         merged = model.merge_and_unload()
-        after = merged(**probe).logits
+        after = merged(**probe).logits.float()
     diff = (before - after).abs().max().item()
     if diff > args.atol:
         raise ValueError(f"merged model differs from base+adapter by {diff:.2e} > --atol {args.atol:g}; nothing written")
@@ -213,7 +221,7 @@ def cmd_merge(args) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"merged {type(merged).__name__} written to {args.output_dir} (max |logit difference| {diff:.2e})")
+    print(f"merged {type(merged).__name__} ({args.dtype}) written to {args.output_dir} (max |logit difference| {diff:.2e})")
     return 0
 
 
@@ -271,11 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers model", formatter_class=raw,
                        epilog="examples:\n  smolpeft merge --adapter runs/chat --output-dir merged/\n"
-                              "  smolpeft merge --adapter runs/chat --model ./base --output-dir merged/")
+                              "  smolpeft merge --adapter runs/chat --model ./base --output-dir merged/\n"
+                              "  smolpeft merge --adapter runs/qlora --load-4bit --dtype bf16 --atol 0.05 --output-dir merged/")
     p.add_argument("--adapter", required=True)
     p.add_argument("--model")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--atol", type=float, default=1e-4, help="largest logit difference accepted before writing")
+    p.add_argument("--load-4bit", action="store_true", help="load the base as NF4, as QLoRA trained it, then dequantize")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the written model")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest logit difference accepted before writing (4-bit and half precision need more, e.g. 0.05)")
 
     p = sub.add_parser("inspect", help="describe an adapter directory", formatter_class=raw,
                        epilog="examples:\n  smolpeft inspect runs/sentiment-lora\n  smolpeft inspect runs/chat --json")

@@ -44,9 +44,9 @@ def _shape(base: nn.Module) -> tuple[int, int, bool]:
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The base weight as a dense float tensor (dequantized for 4-bit)."""
     if _is_4bit(base):
-        import bitsandbytes as bnb
+        from .qlora import dequantize_weight
 
-        return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        return dequantize_weight(base)
     return base.weight.data
 
 

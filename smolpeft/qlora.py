@@ -1,9 +1,13 @@
-"""QLoRA: a 4-bit NF4 base (bitsandbytes) under fp32 LoRA adapters."""
+"""QLoRA: a 4-bit NF4 base (bitsandbytes) under fp32 LoRA adapters, and the ways back to full precision."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def bnb_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
@@ -12,9 +16,10 @@ def bnb_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.flo
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
-        raise ImportError("--method qlora needs bitsandbytes: pip install 'smolpeft[qlora]'") from e
+        raise ImportError("4-bit loading needs bitsandbytes: pip install 'smolpeft[qlora]'") from e
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
@@ -30,14 +35,54 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     return model
 
 
-def merge_4bit(layer: nn.Module, delta: torch.Tensor) -> None:
-    """W ← quantize(dequantize(W) + ΔW): re-quantizing adds NF4 rounding error, so prefer merging into a float copy."""
-    import bitsandbytes as bnb
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The dense weight of a bitsandbytes Linear4bit."""
+    import bitsandbytes.functional as F
 
     w = layer.weight
-    dense = bnb.functional.dequantize_4bit(w.data, w.quant_state).float() + delta.float()
-    new = bnb.nn.Params4bit(
-        dense.to("cpu"), requires_grad=False, quant_type=w.quant_state.quant_type,
-        compress_statistics=w.compress_statistics, blocksize=w.blocksize,
-    )
-    layer.weight = new.to(w.device)
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks weights for its CPU kernel on the first no-grad forward; undo it, as its
+        # own state_dict() does, or dequantize_4bit reads the bytes in the wrong order.
+        w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return F.dequantize_4bit(w.data, w.quant_state)
+
+
+def merge_4bit(layer: nn.Module, delta: torch.Tensor) -> None:
+    """W ← NF4(dequantize(W) + ΔW). Re-quantizing adds rounding error; merging into a float copy does not."""
+    import bitsandbytes as bnb
+
+    warnings.warn("merging into a 4-bit layer re-quantizes it: outputs shift by the NF4 rounding error; "
+                  "dequantize() first for an exact merge", stacklevel=4)
+    old = layer.weight
+    dense = dequantize_weight(layer).float() + delta.float()
+    new = bnb.nn.Params4bit(dense.to(torch.float32).cpu(), requires_grad=False, quant_type=old.quant_state.quant_type,
+                            compress_statistics=old.compress_statistics, blocksize=old.blocksize, module=layer)
+    layer.weight = new.to(old.device)
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every Linear4bit (also inside LoRA wrappers) by an nn.Linear with its dequantized weight, in place."""
+    from .lora import _is_4bit, _replace
+
+    for path, m in list(model.named_modules()):
+        if _is_4bit(m):
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=dtype)
+            with torch.no_grad():
+                dense.weight.copy_(dequantize_weight(m).to(dtype))
+                if m.bias is not None:
+                    dense.bias.copy_(m.bias.to(dtype))
+            _replace(model, path, dense)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not getattr(p, "requires_grad", False):
+            p.data = p.data.to(dtype)
+    inner = getattr(model, "base_model", model)  # a PeftModel or the transformers model itself
+    for obj in {id(x): x for x in (model, inner)}.values():
+        cfg = getattr(obj, "config", None)
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        for attr, value in (("is_quantized", False), ("hf_quantizer", None), ("quantization_method", None)):
+            if attr in getattr(obj, "__dict__", {}):
+                setattr(obj, attr, value)
+        if hasattr(obj, "is_loaded_in_4bit"):
+            obj.is_loaded_in_4bit = False
+    return model

@@ -363,7 +363,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "config": dataclasses.asdict(cfg) | {"lr": lr, "output_dir": out_dir, "model": model_path},
         "task": ds.name, "kind": ds.kind, "steps": state["step"], "wall_time_s": time.time() - t_start,
         "train_time_s": train_time, "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-        "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "peak_rss_mb": peak_rss_mb(), "model_footprint_mb": base.get_memory_footprint() / 2**20, "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
         "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": before, "after": after,
     }
