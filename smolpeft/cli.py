@@ -84,6 +84,13 @@ def cmd_train(args) -> int:
     from .train import train
 
     s = train(train_config(args))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:  # rank 0 reports for the job
+            return 0
     b, a = s["before"], s["after"]
     metric = "eval_accuracy" if "eval_accuracy" in a else "eval_perplexity"
     print(f"\n{metric.removeprefix('eval_')}: {b[metric]:.4f} before -> {a[metric]:.4f} after "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -229,13 +230,46 @@ def plot_curves(metrics: list[dict], path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
+def _dist_setup() -> tuple[int, int]:
+    """(rank, world size). Under torchrun the env says so: join the process group, gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # A bounded timeout: a rank that dies turns a stuck collective into an error instead of a hang.
+        timeout = datetime.timedelta(seconds=int(os.environ.get("SMOLPEFT_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend, timeout=timeout)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
+def _n_targets(batch: dict) -> int:
+    """What the loss averages over: label tokens (shifted, as causal LMs predict the next one) or examples."""
+    labels = batch["labels"]
+    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train, evaluate before and after, and write adapter, tokenizer, metrics, curve and summary to output_dir."""
+    """Train, evaluate before and after, and write adapter, tokenizer, metrics, curve and summary to output_dir.
+
+    Under torchrun every rank runs this function: the global batch (batch_size per rank x ranks x grad_accum) is
+    cut in rank slices, gradients of the trainable parameters are averaged by DDP, and rank 0 alone writes files.
+    """
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     # --- setup -------------------------------------------------------------------------------------------------
     t_start = time.time()
+    rank, world = _dist_setup()
+    main_proc = rank == 0
+    if not main_proc:
+        log = lambda *_: None  # noqa: E731
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     ds = load_data(cfg.data, cfg.task)
@@ -250,7 +284,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tok.pad_token_id
     model = prepare(base, cfg, ds.kind, model_path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if cfg.method != "qlora":
         model.to(device)
     if cfg.gradient_checkpointing and cfg.method != "qlora":
@@ -260,8 +294,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     if n_trunc or n_trunc_eval:
         log(f"truncated to --max-length {cfg.max_length}: {n_trunc} train and {n_trunc_eval} eval sequences")
     lengths = [len(e["input_ids"]) for e in train_ex]
-    batches_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    micro_global = cfg.batch_size * world  # one micro-batch across all ranks
+    steps_per_epoch = math.ceil(math.ceil(len(train_ex) / micro_global) / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = list(_trainable(model).values())
     n_train, n_all = (model.get_nb_trainable_parameters() if isinstance(model, PeftModel)
@@ -272,44 +306,58 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps, cfg.schedule))
     log(f"model {model_path} | method {cfg.method} | trainable {n_train:,} of {n_all:,} params "
         f"({100 * n_train / n_all:.3f}%) | {len(train_ex)} train / {len(eval_ex)} eval examples")
-    log(f"{total} steps x batch {cfg.batch_size} x accumulation {cfg.grad_accum} "
-        f"(global batch {cfg.batch_size * cfg.grad_accum}), lr {lr:g} {cfg.schedule}")
+    log(f"{total} steps, global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per rank x "
+        f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}")
+    runner = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP registers hooks only on parameters that require grad: the frozen base is never synchronised.
+        runner = DDP(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_eval": float("inf"), "bad_evals": 0, "tokens": 0}
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics: list[dict] = []
-    before = None
     if cfg.resume:
         state = load_checkpoint(model, opt, sched, cfg.resume)
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
-        before = state.get("before")
         log(f"resumed from {cfg.resume} at step {state['step']}")
     else:
-        before = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
-        state["before"] = before
-        log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-    os.makedirs(out_dir, exist_ok=True)
+        state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+        log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
+    if main_proc:
+        os.makedirs(out_dir, exist_ok=True)
 
     # --- train -------------------------------------------------------------------------------------------------
     model.train()
     t_train, tokens_at_start, window_tokens, window_t = time.time(), state["tokens"], 0, time.time()
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not main_proc)
     stop = False
     while state["step"] < total and not stop:
-        order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
+        order = batch_order(lengths, micro_global, cfg.seed, state["epoch"])
         while state["batch"] < len(order) and state["step"] < total:
             micro = order[state["batch"] : state["batch"] + cfg.grad_accum]
-            loss_total = 0.0
-            for idx in micro:
-                batch = {k: v.to(device) for k, v in collate([train_ex[i] for i in idx], tok.pad_token_id).items()}
-                loss = model(**batch).loss / len(micro)
-                loss.backward()
-                loss_total += loss.item()
+            # Each rank takes its slice of every global micro-batch; the loss is normalised by the count over the
+            # whole step (all ranks, all micro-batches), so 1 or N processes and any accumulation give one gradient.
+            batches = [collate([train_ex[i] for i in idx], tok.pad_token_id) for idx in micro]
+            n_step = sum(_n_targets(b) for b in batches)
+            loss_total = torch.zeros((), device=device)
+            for k, idx in enumerate(micro):
+                mine = idx[rank::world]
+                batch = {key: v.to(device) for key, v in collate([train_ex[i] for i in mine], tok.pad_token_id).items()}
+                sync = k == len(micro) - 1 or world == 1
+                with contextlib.nullcontext() if sync else runner.no_sync():
+                    loss = runner(**batch).loss * (_n_targets(batch) / max(n_step, 1)) * world
+                    loss.backward()
+                loss_total += loss.detach() / world
                 n_tok = int(batch["attention_mask"].sum())  # real tokens, not padding
-                state["tokens"] += n_tok
-                window_tokens += n_tok
+                state["tokens"] += n_tok * world
+                window_tokens += n_tok * world
+            if world > 1:
+                torch.distributed.all_reduce(loss_total)
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
@@ -317,13 +365,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
             opt.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] += len(micro)
-            step = state["step"]
+            step, loss_value = state["step"], loss_total.item()
             tps = window_tokens / max(time.time() - window_t, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:,.0f}")
             record = None
             if step % cfg.log_every == 0 or step == total:
-                record = {"step": step, "epoch": state["epoch"], "loss": loss_total, "lr": sched.get_last_lr()[0], "tokens_per_s": tps}
+                record = {"step": step, "epoch": state["epoch"], "loss": loss_value, "lr": sched.get_last_lr()[0], "tokens_per_s": tps}
                 window_tokens, window_t = 0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                 ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
@@ -337,10 +385,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                         stop = True
             if record:
                 metrics.append(record)
-                with open(metrics_path, "w") as f:  # rewritten whole, so a resumed run never duplicates steps
-                    f.writelines(json.dumps(m) + "\n" for m in metrics)
+                if main_proc:  # rewritten whole, so a resumed run never duplicates steps
+                    checkpoint.atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())
             if cfg.save_every and step % cfg.save_every == 0 and step != total:
-                save_checkpoint(model, opt, sched, state, os.path.join(out_dir, f"checkpoint-{step}"))
+                if main_proc:
+                    save_checkpoint(model, opt, sched, state, os.path.join(out_dir, f"checkpoint-{step}"))
+                _barrier(world)
             if on_step:
                 on_step(step)
             if stop:
@@ -353,20 +403,28 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     # --- cleanup: final eval and outputs -----------------------------------------------------------------------
     after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
     metrics.append({"step": state["step"], **after})
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    plot_curves(metrics, os.path.join(out_dir, "training_curve.png"), f"{cfg.method} on {ds.name}")
     tokens = state["tokens"] - tokens_at_start
     summary = {
         "config": dataclasses.asdict(cfg) | {"lr": lr, "output_dir": out_dir, "model": model_path},
-        "task": ds.name, "kind": ds.kind, "steps": state["step"], "wall_time_s": time.time() - t_start,
+        "task": ds.name, "kind": ds.kind, "steps": state["step"], "world_size": world,
+        "global_batch": cfg.batch_size * world * cfg.grad_accum, "wall_time_s": time.time() - t_start,
         "train_time_s": train_time, "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-        "peak_rss_mb": peak_rss_mb(), "model_footprint_mb": base.get_memory_footprint() / 2**20, "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "peak_rss_mb": peak_rss_mb(), "model_footprint_mb": base.get_memory_footprint() / 2**20,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None,
         "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
-        "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": before, "after": after,
+        "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": state.get("before"), "after": after,
     }
-    checkpoint.atomic_write(os.path.join(out_dir, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    if main_proc:
+        checkpoint.atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+        model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+        plot_curves(metrics, os.path.join(out_dir, "training_curve.png"), f"{cfg.method} on {ds.name}")
+        checkpoint.atomic_write(os.path.join(out_dir, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+    _barrier(world)
     log("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
     return summary
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()

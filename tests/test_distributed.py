@@ -1,0 +1,77 @@
+"""Data-parallel training under torchrun (gloo, 2 CPU processes started by the test)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import peft
+import pytest
+import torch
+import transformers
+
+import tiny
+from smolpeft.checkpoint import read_weights
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    tiny.tokenizer(d / "base")
+    tiny.llama(vocab=300).save_pretrained(d / "base")
+    with open(d / "chat.jsonl", "w") as f:
+        for a in range(8):
+            for b in range(8):
+                f.write(json.dumps({"prompt": f"what is {a} plus {b} ?", "completion": f" {a + b} ."}) + "\n")
+    return d
+
+
+def _run(cfg: dict, nproc: int, crash: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, WORKER, json.dumps(cfg)] + ([crash] if crash else [])
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] + cmd[1:]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "SMOLPEFT_DIST_TIMEOUT": "60"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _cfg(lm, out, per_rank_batch, **kw):
+    return dict(model=str(lm / "base"), data=str(lm / "chat.jsonl"), output_dir=str(out), max_steps=6,
+                batch_size=per_rank_batch, grad_accum=2, lr=1e-2, dropout=0.0, log_every=1, **kw)
+
+
+def _losses(run_dir):
+    return [m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def test_two_processes_match_one(lm, tmp_path):
+    one = _run(_cfg(lm, tmp_path / "one", 4), nproc=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(_cfg(lm, tmp_path / "two", 2, save_every=3), nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
+    a, b = read_weights(tmp_path / "one"), read_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    # rank 0 alone wrote: one checkpoint directory, one summary that knows the world size
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
+    summary = json.loads((tmp_path / "two/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 8
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(lm / "base"), tmp_path / "two")
+    assert model is not None
+
+
+def test_resume_under_torchrun_and_a_failing_rank_ends_the_job(lm, tmp_path):
+    full = _run(_cfg(lm, tmp_path / "full", 2, save_every=3), nproc=2)
+    assert full.returncode == 0, full.stderr[-2000:]
+    t0 = time.time()
+    crashed = _run(_cfg(lm, tmp_path / "cut", 2, save_every=3), nproc=2, crash="1:4")
+    assert crashed.returncode != 0 and time.time() - t0 < 120  # ended, not hung
+    assert "simulated failure on rank 1 at step 4" in crashed.stderr
+    resumed = _run(_cfg(lm, tmp_path / "cut", 2, save_every=3, resume=str(tmp_path / "cut/checkpoint-3")), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_weights(tmp_path / "full"), read_weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
