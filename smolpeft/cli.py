@@ -24,6 +24,10 @@ TRAIN_EXAMPLES = """examples:
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with an adapter", epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(p)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file whose keys are the flag names (with - or _)")
     p.add_argument("--model", help="base model directory or Hub id (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--data", help="JSONL/JSON/CSV/Parquet file, or a Hub dataset name")
@@ -263,6 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     raw = argparse.RawDescriptionHelpFormatter
 
+    p = sub.add_parser("sweep", help="LoRA at several ranks vs full fine-tuning vs prompt tuning, one report",
+                       formatter_class=raw, epilog="examples:\n  smolpeft sweep                         # embedded default\n"
+                       "  smolpeft sweep --task topic --ranks 1,4,16 --methods lora,full --output-dir runs/topic-sweep\n"
+                       "  smolpeft sweep --model ./my-llama --data chat.jsonl --ranks 4,16 --methods lora,prompt")
+    _add_train_args(p)
+    p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="comma-separated LoRA ranks")
+    p.add_argument("--methods", default="lora,full,prompt", help="comma-separated: lora, qlora, full, prompt")
+
+    p = sub.add_parser("compare-init", help="prompt-tuning inits x token counts x tasks, and the task x adapter matrix",
+                       formatter_class=raw, epilog="examples:\n  smolpeft compare-init\n"
+                       "  smolpeft compare-init --tasks sentiment,intent --inits RANDOM,TEXT --token-counts 4,16")
+    _add_train_args(p)
+    p.add_argument("--tasks", default="sentiment,topic,intent", help="built-in classification tasks")
+    p.add_argument("--inits", default="RANDOM,TEXT,SAMPLE_VOCAB")
+    p.add_argument("--token-counts", default="8,20", help="numbers of virtual tokens")
+
     p = sub.add_parser("eval", help="loss, perplexity or accuracy of a model/adapter on data", formatter_class=raw,
                        epilog="examples:\n  smolpeft eval --adapter runs/sentiment-lora --task sentiment\n"
                               "  smolpeft eval --adapter runs/chat --data test.jsonl --exact-match")
@@ -303,7 +323,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _experiment_config(args, default_steps: int):
+    cfg = train_config(args)
+    if args.max_steps is None and args.epochs is None and not args.config:
+        cfg = dataclasses.replace(cfg, max_steps=default_steps)  # a sweep trains many models: keep each short
+    return cfg
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    out = args.output_dir or "runs/sweep"
+    cfg = dataclasses.replace(_experiment_config(args, 100), output_dir=None)
+    rows = sweep(cfg, out, ranks=_ints(args.ranks), methods=_words(args.methods))
+    print(open(os.path.join(out, "results.md")).read())
+    print(f"report written to {out}/ (results.md/.csv/.json, metric_vs_rank.png, params_vs_metric.png, loss_curves.png)")
+    return 0 if rows else 1
+
+
+def cmd_compare_init(args) -> int:
+    from .sweep import compare_init
+
+    out = args.output_dir or "runs/compare-init"
+    cfg = dataclasses.replace(_experiment_config(args, 55), output_dir=None)
+    compare_init(cfg, out, tasks=_words(args.tasks), inits=_words(args.inits), token_counts=_ints(args.token_counts))
+    print(open(os.path.join(out, "init_results.md")).read())
+    print(open(os.path.join(out, "serving.md")).read())
+    print(f"report written to {out}/ (init_comparison.png, task_matrix.png)")
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "compare-init": cmd_compare_init, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}
 
 
 def _quiet_libraries() -> None:

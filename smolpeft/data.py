@@ -91,12 +91,19 @@ def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Data
     return Dataset(train, evals, "lm", name=spec)
 
 
-def load_data(data: str | None, task: str | None) -> Dataset:
+def load_data(data: str | None, task: str | None, labels: list[str] | None = None) -> Dataset:
+    """`labels` fixes the label set and order of a classification head (say, one head shared by several tasks)."""
     if data and task:
         raise ValueError("give --data or --task, not both")
-    if data:
-        return load_user_data(data)
-    return load_builtin(task or "sentiment")
+    ds = load_user_data(data) if data else load_builtin(task or "sentiment")
+    if labels:
+        if ds.kind != "cls":
+            raise ValueError("labels apply to classification data (text/label)")
+        missing = sorted(set(ds.labels) - set(labels))
+        if missing:
+            raise ValueError(f"the data has labels {missing} that are not in labels={labels}")
+        ds.labels = list(labels)
+    return ds
 
 
 def _field(row: dict, key: str, i: int, source: str, kind=str):

@@ -68,6 +68,7 @@ class TrainConfig:
     early_stop: int = 0  # stop after this many evals without a lower eval loss; 0 disables
     log_every: int = 10
     train_on_prompt: bool = False
+    labels: list[str] | None = None  # classification label set and order; default: the labels in the data
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,7 +103,8 @@ def load_base(path: str, ds: Dataset, method: str):
     if ds.kind == "cls":
         labels = {i: name for i, name in enumerate(ds.labels)}
         return transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}, **kw
+            path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+            ignore_mismatched_sizes=True, **kw,  # a head trained for other labels is replaced, not an error
         )
     return transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
 
@@ -272,7 +274,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         log = lambda *_: None  # noqa: E731
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    ds = load_data(cfg.data, cfg.task)
+    ds = load_data(cfg.data, cfg.task, cfg.labels)
     if cfg.model is None and ds.kind != "cls":
         raise ValueError("--model is needed for chat/text data: the bundled model is an encoder (classification only)")
     model_path = cfg.model or bundled_model()

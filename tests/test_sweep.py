@@ -1,0 +1,61 @@
+"""Experiments on tiny models: the sweep table and plots, and the prompt-init comparison with its task matrix."""
+
+import csv
+import json
+
+import pytest
+import transformers
+
+import tiny
+from smolpeft.sweep import compare_init, sweep
+from smolpeft.train import TrainConfig, bundled_model
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    tiny.tokenizer(d / "base")
+    tiny.llama(vocab=300).save_pretrained(d / "base")
+    with open(d / "chat.jsonl", "w") as f:
+        for a in range(6):
+            for b in range(6):
+                f.write(json.dumps({"prompt": f"what is {a} plus {b} ?", "completion": f" {a + b} ."}) + "\n")
+    return d
+
+
+def test_sweep_table_plots_and_reproducibility(lm, tmp_path):
+    base = TrainConfig(model=str(lm / "base"), data=str(lm / "chat.jsonl"), max_steps=3, batch_size=8, lr=1e-2)
+    rows = sweep(base, str(tmp_path / "a"), ranks=(1, 2, 4), methods=("lora", "full", "prompt"), log=lambda *_: None)
+    assert [(r["method"], r["rank"]) for r in rows] == [("lora", 1), ("lora", 2), ("lora", 4), ("full", None), ("prompt", None)]
+    p = {r["rank"]: r["trainable_params"] for r in rows if r["rank"]}
+    assert p[2] == 2 * p[1] and p[4] == 4 * p[1]  # LoRA parameters grow linearly with rank
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["trainable_params"] == sum(x.numel() for x in tiny.llama(vocab=300).parameters())
+    assert full["pct_of_total"] == pytest.approx(100)
+    assert all(r["size_on_disk_bytes"] > 0 and r["peak_rss_mb"] > 0 and r["metric"] == "eval_loss" for r in rows)
+    with open(tmp_path / "a/results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    assert len(json.loads((tmp_path / "a/results.json").read_text())) == 5
+    assert (tmp_path / "a/results.md").read_text().count("\n") == 7
+    for png in ("metric_vs_rank.png", "params_vs_metric.png", "loss_curves.png"):
+        assert (tmp_path / "a" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = sweep(base, str(tmp_path / "b"), ranks=(1, 2, 4), methods=("lora", "full", "prompt"), log=lambda *_: None)
+    assert [r["value"] for r in again] == [r["value"] for r in rows]  # same seed, same numbers
+
+
+def test_compare_init_matrix_and_switching(tmp_path):
+    d = tmp_path / "bert"
+    transformers.AutoTokenizer.from_pretrained(bundled_model()).save_pretrained(d)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(d)
+    base = TrainConfig(model=str(d), max_steps=2, batch_size=16)
+    out = compare_init(base, str(tmp_path / "r"), tasks=("sentiment", "intent"), inits=("RANDOM", "TEXT", "SAMPLE_VOCAB"),
+                       token_counts=(2,), log=lambda *_: None)
+    assert len(out["runs"]) == 6
+    matrix = out["serving"]["matrix"]
+    assert sorted(matrix) == sorted(f"{t}-{i}" for t in ("sentiment", "intent") for i in ("random", "text", "sample_vocab"))
+    assert all(set(v) == {"sentiment", "intent"} and all(0 <= x <= 1 for x in v.values()) for v in matrix.values())
+    assert out["serving"]["switch_ms_median"] < 5
+    assert all(b < out["serving"]["full_model_bytes"] for b in out["serving"]["adapter_bytes"].values())
+    for f in ("init_results.md", "init_results.csv", "serving.md", "init_comparison.png", "task_matrix.png"):
+        assert (tmp_path / "r" / f).stat().st_size > 0
