@@ -167,6 +167,8 @@ def cmd_eval(args) -> int:
 
 def exact_match(model, tok, rows: list[dict], max_new_tokens: int) -> float:
     """Share of rows whose greedy continuation equals the reference completion or last assistant turn."""
+    import torch
+
     from .data import _chat
 
     hits = 0
@@ -175,7 +177,7 @@ def exact_match(model, tok, rows: list[dict], max_new_tokens: int) -> float:
             ids, ref = _chat(tok, row["messages"][:-1], add_generation_prompt=True), row["messages"][-1]["content"]
         else:
             ids, ref = tok(row["prompt"])["input_ids"], row["completion"]
-        out = model.generate(input_ids=__import__("torch").tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)
         hits += tok.decode(out[0, len(ids):], skip_special_tokens=True).strip() == ref.strip()
     return hits / max(len(rows), 1)

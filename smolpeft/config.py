@@ -81,7 +81,7 @@ class _Base:
         atomic_write(os.path.join(directory, CONFIG_NAME), text.encode())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> "LoraConfig | PromptTuningConfig":
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> LoraConfig | PromptTuningConfig:
         return load_config(os.path.join(directory, subfolder) if subfolder else directory)
 
 

@@ -152,7 +152,10 @@ def encode_lm_row(row: dict, i: int, tokenizer, train_on_prompt: bool, source: s
 def encode(ds: Dataset, split: str, tokenizer, max_length: int, train_on_prompt: bool = False) -> tuple[list[dict], int]:
     """Tokenize a split; returns examples and how many were truncated to max_length."""
     rows = ds.train if split == "train" else ds.eval
-    source = ds.name or "data" if split == "train" or "_row" in (rows[0] if rows else {}) else f"{ds.name} ({split})"
+    # User files carry their own row numbers ("_row"); built-in splits are separate files, so name the split.
+    source = ds.name or "data"
+    if rows and "_row" not in rows[0]:
+        source = f"{source} ({split})"
     out, truncated = [], 0
     label_id = {name: k for k, name in enumerate(ds.labels)}
     for i, row in enumerate(rows):

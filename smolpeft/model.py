@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -360,7 +360,7 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         subfolder: str | None = None,
-    ) -> "PeftModel":
+    ) -> PeftModel:
         path = _resolve_dir(model_id, subfolder)
         config = config or load_config(path)
         weights = checkpoint.read_weights(path)

@@ -5,10 +5,10 @@ import os
 import warnings
 
 import pytest
+import tiny
 import torch
 
 import smolpeft
-import tiny
 from smolpeft import checkpoint
 from smolpeft.lora import LoraLayer
 

@@ -8,10 +8,10 @@ import time
 
 import peft
 import pytest
+import tiny
 import torch
 import transformers
 
-import tiny
 from smolpeft.checkpoint import read_weights
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")

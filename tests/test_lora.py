@@ -1,11 +1,11 @@
 """LoRA layer math and injection, against plain matmuls and peft."""
 
 import pytest
+import tiny
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import tiny
 from smolpeft import LoraConfig, get_peft_model
 from smolpeft.lora import AdapterState, LoraLayer, resolve_targets
 

@@ -1,11 +1,11 @@
 """PeftModel behaviour: merging, disabling, mixed-adapter batches, training, saving, pass-through."""
 
 import pytest
+import tiny
 import torch
 import transformers
 
 import smolpeft
-import tiny
 from smolpeft.lora import LoraLayer, ModulesToSave
 
 

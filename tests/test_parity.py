@@ -2,11 +2,10 @@
 
 import peft
 import pytest
+import tiny
 import torch
-from safetensors.torch import load_file
 
 import smolpeft
-import tiny
 
 CASES = {
     "llama": (tiny.llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
@@ -143,7 +142,7 @@ def test_peft_style_script_gives_peft_numbers(tmp_path):
             with m2.disable_adapter():
                 base = m2(input_ids=x).logits
             merged = m2.merge_and_unload()(input_ids=x).logits
-        return loss.item(), adapted, base, merged, type(merged_model := m2.get_base_model()).__name__
+        return loss.item(), adapted, base, merged, type(m2.get_base_model()).__name__
 
     ours = script(smolpeft, tmp_path / "ours")
     theirs = script(peft, tmp_path / "theirs")

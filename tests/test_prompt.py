@@ -2,10 +2,10 @@
 
 import peft
 import pytest
+import tiny
 import torch
 
 import smolpeft
-import tiny
 
 INITS = ["RANDOM", "SAMPLE_VOCAB", "TEXT"]
 

@@ -4,11 +4,11 @@ import json
 
 import peft
 import pytest
+import tiny
 import torch
 import transformers
 
 import smolpeft
-import tiny
 from smolpeft.cli import main
 from smolpeft.qlora import bnb_config, dequantize
 

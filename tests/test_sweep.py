@@ -4,9 +4,9 @@ import csv
 import json
 
 import pytest
+import tiny
 import transformers
 
-import tiny
 from smolpeft.sweep import compare_init, sweep
 from smolpeft.train import TrainConfig, bundled_model
 

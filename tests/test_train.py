@@ -5,11 +5,11 @@ import math
 
 import peft
 import pytest
+import tiny
 import torch
 import transformers
 
 import smolpeft
-import tiny
 from smolpeft.cli import main
 from smolpeft.data import IGNORE, Dataset, encode, encode_lm_row, load_user_data
 from smolpeft.train import TrainConfig, lr_factor, train
