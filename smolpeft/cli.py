@@ -60,6 +60,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-stop", type=int, help="patience in evals without a lower eval loss")
     p.add_argument("--log-every", type=int)
     p.add_argument("--train-on-prompt", action="store_true", default=None)
+    p.add_argument("--packing", action="store_true", default=None,
+                   help="causal LM: pack examples into --max-length rows, attention kept within each example")
 
 
 def train_config(args: argparse.Namespace):

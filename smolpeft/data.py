@@ -196,8 +196,36 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return batches
 
 
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate LM examples into rows of up to max_length tokens. position_ids restart at 0 for each example,
+    which transformers turns into a block-diagonal causal mask: no token attends across examples. The first
+    token of each example is not a target (it would be predicted from the previous example)."""
+    rows, cur = [], {"input_ids": [], "labels": [], "position_ids": []}
+    for e in examples:
+        n = len(e["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += e["input_ids"]
+        cur["labels"] += [IGNORE] + e["labels"][1:]
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row of this batch."""
+    """Right-pad to the longest row of this batch. Packed rows get no attention mask: their position_ids
+    carry the sequence boundaries, and padding forms its own short sequence with no targets."""
+    if "position_ids" in examples[0]:
+        n = max(len(e["input_ids"]) for e in examples)
+        out = {k: torch.full((len(examples), n), v, dtype=torch.long) for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("position_ids", 0))}
+        for r, e in enumerate(examples):
+            m = len(e["input_ids"])
+            for k in out:
+                out[k][r, :m] = torch.tensor(e[k])
+            out["position_ids"][r, m:] = torch.arange(n - m)
+        return out
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)

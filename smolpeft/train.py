@@ -20,7 +20,8 @@ import torch
 
 from . import checkpoint
 from .config import LoraConfig, PromptTuningConfig
-from .data import Dataset, batch_order, collate, encode, load_data
+from .data import Dataset, batch_order, collate, encode, load_data, pack
+from .loss import TrainingLoss
 from .model import PeftModel, get_peft_model
 
 METHODS = ("lora", "qlora", "prompt", "full")
@@ -69,6 +70,7 @@ class TrainConfig:
     log_every: int = 10
     train_on_prompt: bool = False
     labels: list[str] | None = None  # classification label set and order; default: the labels in the data
+    packing: bool = False  # causal LM: concatenate examples into max_length rows (attention stays per example)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -295,6 +297,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     eval_ex, n_trunc_eval = encode(ds, "eval", tok, cfg.max_length, cfg.train_on_prompt)
     if n_trunc or n_trunc_eval:
         log(f"truncated to --max-length {cfg.max_length}: {n_trunc} train and {n_trunc_eval} eval sequences")
+    if cfg.packing:
+        if ds.kind != "lm":
+            raise ValueError("--packing applies to causal-LM data, not classification")
+        train_ex = pack(train_ex, cfg.max_length)
     lengths = [len(e["input_ids"]) for e in train_ex]
     micro_global = cfg.batch_size * world  # one micro-batch across all ranks
     steps_per_epoch = math.ceil(math.ceil(len(train_ex) / micro_global) / cfg.grad_accum)
@@ -310,12 +316,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         f"({100 * n_train / n_all:.3f}%) | {len(train_ex)} train / {len(eval_ex)} eval examples")
     log(f"{total} steps, global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per rank x "
         f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}")
-    runner = model
+    runner = TrainingLoss(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # DDP registers hooks only on parameters that require grad: the frozen base is never synchronised.
-        runner = DDP(model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
+        runner = DDP(runner, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_eval": float("inf"), "bad_evals": 0, "tokens": 0}
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -352,10 +358,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 batch = {key: v.to(device) for key, v in collate([train_ex[i] for i in mine], tok.pad_token_id).items()}
                 sync = k == len(micro) - 1 or world == 1
                 with contextlib.nullcontext() if sync else runner.no_sync():
-                    loss = runner(**batch).loss * (_n_targets(batch) / max(n_step, 1)) * world
+                    loss = runner(**batch) * (_n_targets(batch) / max(n_step, 1)) * world
                     loss.backward()
                 loss_total += loss.detach() / world
-                n_tok = int(batch["attention_mask"].sum())  # real tokens, not padding
+                n_tok = sum(len(train_ex[i]["input_ids"]) for i in mine)  # real tokens, not padding
                 state["tokens"] += n_tok * world
                 window_tokens += n_tok * world
             if world > 1:

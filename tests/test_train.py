@@ -147,7 +147,7 @@ def test_bad_rows_name_the_row_and_field(lm, tmp_path, capsys):
     assert f"{bad}: row 2: field 'messages[0]' needs string 'role' and 'content'" in err
     tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
     ds = Dataset([{"text": "fine", "label": "pos"}, {"text": "bad"}], [], "cls", ["pos", "neg"], "x.jsonl")
-    with pytest.raises(ValueError, match=r"x.jsonl: row 1: missing field 'label'"):
+    with pytest.raises(ValueError, match=r"x.jsonl \(train\): row 1: missing field 'label'"):
         encode(ds, "train", tok, 64)
     ds = Dataset([{"text": "fine", "label": "maybe"}], [], "cls", ["pos", "neg"], "x.jsonl")
     with pytest.raises(ValueError, match=r"row 0: field 'label' is 'maybe'; known labels: pos, neg"):
@@ -201,3 +201,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"smolpeft inspect: error: FileNotFoundError: adapter directory not found: {tmp_path / 'missing'}"]
+
+
+def test_packing_trains_on_the_same_tokens(lm, tmp_path):
+    cfg = dict(model=str(lm / "base"), data=str(lm / "chat.jsonl"), max_steps=4, batch_size=2, lr=1e-2, max_length=128)
+    packed = train(TrainConfig(output_dir=str(tmp_path / "p"), packing=True, **cfg), log=lambda *_: None)
+    plain = train(TrainConfig(output_dir=str(tmp_path / "n"), **cfg), log=lambda *_: None)
+    assert packed["after"]["eval_loss"] < packed["before"]["eval_loss"]
+    # a packed step of 2 rows holds many examples: far more real tokens per step than 2 padded examples
+    assert packed["tokens"] > 3 * plain["tokens"]
+    with pytest.raises(ValueError, match="--packing applies to causal-LM data"):
+        train(TrainConfig(task="intent", packing=True, max_steps=1, output_dir=str(tmp_path / "c")), log=lambda *_: None)

@@ -1,0 +1,70 @@
+"""The lean training loss equals transformers' loss, with and without packing, in value and adapter gradients."""
+
+import pytest
+import torch
+
+import smolpeft
+import tiny
+from smolpeft.data import IGNORE, collate, pack
+from smolpeft.loss import TrainingLoss
+
+
+def _examples(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(5, 14, (1,), generator=g))
+        ids = torch.randint(3, 128, (length,), generator=g).tolist()
+        prompt = length // 2  # the first half is prompt: no loss there
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
+def _model():
+    return smolpeft.get_peft_model(tiny.llama(), smolpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])  # one chunk, and many chunks each recomputed in backward
+def test_lean_loss_matches_transformers_padded(chunk):
+    model = _model()
+    batch = collate(_examples(), pad_id=0)
+    lean = TrainingLoss(model, chunk=chunk)
+    assert lean.lean
+    plain = _loss_and_grads(model, lambda: model(**batch).loss)
+    fast = _loss_and_grads(model, lambda: lean(**batch))
+    _assert_same(plain, fast)
+
+
+def test_packed_rows_match_separate_sequences():
+    """Packing changes nothing: no attention across examples, no target across a boundary."""
+    model = _model()
+    examples = _examples()
+    packed = collate(pack(examples, max_length=40), pad_id=0)
+    assert packed["input_ids"].shape[0] < len(examples) and "attention_mask" not in packed
+    lean = TrainingLoss(model, chunk=5)
+    separate = _loss_and_grads(model, lambda: model(**collate(examples, pad_id=0)).loss)
+    fast = _loss_and_grads(model, lambda: lean(**packed))
+    _assert_same(separate, fast)
+    plain_packed = _loss_and_grads(model, lambda: TrainingLoss(model, lean=False)(**packed))
+    _assert_same(separate, plain_packed)
+
+
+def test_prompt_tuning_and_classification_use_the_model_loss():
+    pm = smolpeft.get_peft_model(tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    assert not TrainingLoss(pm).lean
+    batch = collate(_examples(), pad_id=0)
+    torch.testing.assert_close(TrainingLoss(pm)(**batch), pm(**batch).loss)
