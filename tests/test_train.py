@@ -204,11 +204,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_packing_trains_on_the_same_tokens(lm, tmp_path):
-    cfg = dict(model=str(lm / "base"), data=str(lm / "chat.jsonl"), max_steps=4, batch_size=2, lr=1e-2, max_length=128)
+    cfg = dict(model=str(lm / "base"), data=str(lm / "chat.jsonl"), max_steps=4, batch_size=2, lr=1e-2, max_length=256)
     packed = train(TrainConfig(output_dir=str(tmp_path / "p"), packing=True, **cfg), log=lambda *_: None)
     plain = train(TrainConfig(output_dir=str(tmp_path / "n"), **cfg), log=lambda *_: None)
     assert packed["after"]["eval_loss"] < packed["before"]["eval_loss"]
     # a packed step of 2 rows holds many examples: far more real tokens per step than 2 padded examples
-    assert packed["tokens"] > 3 * plain["tokens"]
+    assert packed["tokens"] > 2.5 * plain["tokens"]
     with pytest.raises(ValueError, match="--packing applies to causal-LM data"):
         train(TrainConfig(task="intent", packing=True, max_steps=1, output_dir=str(tmp_path / "c")), log=lambda *_: None)
