@@ -334,6 +334,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         log(f"resumed from {cfg.resume} at step {state['step']}")
     else:
         state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+        metrics.append({"step": 0, **state["before"]})
         log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
     if main_proc:
         os.makedirs(out_dir, exist_ok=True)

@@ -110,7 +110,7 @@ def test_resume_continues_exactly(lm, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # the lost step 4 is logged once, by the resumed run
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 7, 8, 8]  # the lost step 4 is logged once, by the resumed run
 
 
 def test_loss_ignores_exactly_the_prompt_tokens(lm):
