@@ -43,6 +43,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.prompt_embeddings = nn.ParameterDict()
         self._state = AdapterState(active=adapter_name)
+        self._params: dict[str, list[torch.Tensor]] = {}  # each adapter's tensors, so switching never walks the model
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         self.add_adapter(adapter_name, peft_config)
@@ -76,7 +77,8 @@ class PeftModel(nn.Module):
             raise
         if self._state.active is None or self._state.active not in self.peft_config:
             self._state.active = adapter_name
-        self._mark_trainable()
+        self._params[adapter_name] = list(self._adapter_params(adapter_name).values())
+        self._mark_trainable(freeze_base=True)
 
     def _add_prompt(self, name: str, config: PromptTuningConfig) -> None:
         emb = self.base_model.get_input_embeddings()
@@ -93,6 +95,7 @@ class PeftModel(nn.Module):
 
     def _drop(self, name: str) -> None:
         self.peft_config.pop(name, None)
+        self._params.pop(name, None)
         _discard(self.prompt_embeddings, name)
         for _, m in self.base_model.named_modules():
             if isinstance(m, LoraLayer):
@@ -123,14 +126,16 @@ class PeftModel(nn.Module):
     def _adapter_params(self, name: str) -> dict[str, torch.Tensor]:
         return checkpoint.adapter_params(self.base_model, name, self.prompt_embeddings[name] if name in self.prompt_embeddings else None)
 
-    def _mark_trainable(self) -> None:
+    def _mark_trainable(self, freeze_base: bool = False) -> None:
         """Base frozen; only the active adapter trains, unless it was loaded for inference."""
-        for p in self.base_model.parameters():
-            p.requires_grad_(False)
+        if freeze_base:
+            for p in self.base_model.parameters():
+                p.requires_grad_(False)
         for name, config in self.peft_config.items():
             train = name == self._state.active and not config.inference_mode
-            for p in self._adapter_params(name).values():
-                p.requires_grad_(train)
+            for p in self._params.get(name, ()):
+                if p.requires_grad != train:
+                    p.requires_grad_(train)
 
     @property
     def active_adapter(self) -> str | None:
@@ -404,7 +409,7 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_state", "peft_config", "prompt_embeddings"):
+            if name in ("base_model", "_state", "_params", "peft_config", "prompt_embeddings"):
                 raise
             return getattr(self.base_model, name)
 

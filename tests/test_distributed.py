@@ -8,25 +8,12 @@ import time
 
 import peft
 import pytest
-import tiny
 import torch
 import transformers
 
 from smolpeft.checkpoint import read_weights
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    tiny.tokenizer(d / "base")
-    tiny.llama(vocab=300).save_pretrained(d / "base")
-    with open(d / "chat.jsonl", "w") as f:
-        for a in range(8):
-            for b in range(8):
-                f.write(json.dumps({"prompt": f"what is {a} plus {b} ?", "completion": f" {a + b} ."}) + "\n")
-    return d
 
 
 def _run(cfg: dict, nproc: int, crash: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -38,7 +25,7 @@ def _run(cfg: dict, nproc: int, crash: str | None = None, timeout: int = 240) ->
 
 
 def _cfg(lm, out, per_rank_batch, **kw):
-    return dict(model=str(lm / "base"), data=str(lm / "chat.jsonl"), output_dir=str(out), max_steps=6,
+    return dict(model=str(lm / "base"), data=str(lm / "pc.jsonl"), output_dir=str(out), max_steps=6,
                 batch_size=per_rank_batch, grad_accum=2, lr=1e-2, dropout=0.0, log_every=1, **kw)
 
 

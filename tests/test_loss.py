@@ -1,10 +1,10 @@
 """The lean training loss equals transformers' loss, with and without packing, in value and adapter gradients."""
 
 import pytest
+import tiny
 import torch
 
 import smolpeft
-import tiny
 from smolpeft.data import IGNORE, collate, pack
 from smolpeft.loss import TrainingLoss
 
@@ -12,7 +12,7 @@ from smolpeft.loss import TrainingLoss
 def _examples(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(torch.randint(5, 14, (1,), generator=g))
         ids = torch.randint(3, 128, (length,), generator=g).tolist()
         prompt = length // 2  # the first half is prompt: no loss there

@@ -11,20 +11,8 @@ from smolpeft.sweep import compare_init, sweep
 from smolpeft.train import TrainConfig, bundled_model
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweep")
-    tiny.tokenizer(d / "base")
-    tiny.llama(vocab=300).save_pretrained(d / "base")
-    with open(d / "chat.jsonl", "w") as f:
-        for a in range(6):
-            for b in range(6):
-                f.write(json.dumps({"prompt": f"what is {a} plus {b} ?", "completion": f" {a + b} ."}) + "\n")
-    return d
-
-
 def test_sweep_table_plots_and_reproducibility(lm, tmp_path):
-    base = TrainConfig(model=str(lm / "base"), data=str(lm / "chat.jsonl"), max_steps=3, batch_size=8, lr=1e-2)
+    base = TrainConfig(model=str(lm / "base"), data=str(lm / "pc.jsonl"), max_steps=3, batch_size=8, lr=1e-2)
     rows = sweep(base, str(tmp_path / "a"), ranks=(1, 2, 4), methods=("lora", "full", "prompt"), log=lambda *_: None)
     assert [(r["method"], r["rank"]) for r in rows] == [("lora", 1), ("lora", 2), ("lora", 4), ("full", None), ("prompt", None)]
     p = {r["rank"]: r["trainable_params"] for r in rows if r["rank"]}

@@ -22,17 +22,6 @@ def _chat_rows(n=48):
     ][:n]
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    """A tiny Llama and its locally trained tokenizer in one directory, plus a chat JSONL file."""
-    d = tmp_path_factory.mktemp("lm")
-    tiny.tokenizer(d / "base")
-    tiny.llama(vocab=300).save_pretrained(d / "base")
-    with open(d / "chat.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in _chat_rows())
-    return d
-
-
 def test_causal_lm_end_to_end(lm, tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["train", "--model", str(lm / "base"), "--data", str(lm / "chat.jsonl"), "--output-dir", str(run),
