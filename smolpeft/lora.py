@@ -134,9 +134,16 @@ class LoraLayer(nn.Module):
             return out
         if st.row_adapters is not None:
             return self._mixed_forward(x, out, st.row_adapters)
-        if st.active not in self.lora_A:
+        name = st.active
+        if name not in self.lora_A:
             return out
-        return out + self._delta(x, st.active).to(out.dtype)
+        A, B = self.lora_A[name], self.lora_B[name]
+        if self.is_embedding or out.dtype != B.dtype:
+            return out + self._delta(x, name).to(out.dtype)
+        h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
+        # s·B folds the scaling into the small r×out factor, and addmm adds the product to out in one kernel.
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), (B * self.scaling[name]).T)
+        return fused.view(out.shape)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Each row of the batch gets its own adapter; rows are grouped so each adapter runs once."""

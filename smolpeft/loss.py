@@ -4,23 +4,55 @@ fp32 logits for the whole batch never exist at once."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
 
-def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ_t CE(h_t Wᵀ, y_t), chunk by chunk, with the gradients formed during the forward pass.
+
+    d loss / d logits = softmax - onehot is known as soon as a chunk's logits are, so each chunk contributes
+    (softmax - onehot) W to dh (and its transpose product to dW if the head trains) and its logits are freed:
+    the head costs its two matmuls and chunk x vocab memory, not tokens x vocab fp32 logits kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for i in range(0, y.numel(), chunk):
+            hc, yc = h[i : i + chunk], y[i : i + chunk]
+            logits = (hc @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed any more
+            probs[torch.arange(yc.numel(), device=h.device), yc] -= 1
+            probs = probs.to(h.dtype)
+            grad_h[i : i + chunk] = probs @ weight
+            if grad_w is not None:
+                grad_w += (probs.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_grad_w = grad_w is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = (grad_w * grad_out).to(grad_h.dtype) if ctx.has_grad_w else None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None
 
 
 def _lean_ok(base: nn.Module) -> bool:
-    """Architectures whose logits are exactly head(hidden): no softcapping or logit scaling after the head."""
+    """Models whose logits are exactly hidden @ Wᵀ: a plain bias-free Linear head (not wrapped by an adapter), no
+    softcapping or logit scaling after it."""
     cfg = base.config
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     return (
         hasattr(base, "get_decoder")
-        and base.get_output_embeddings() is not None
+        and type(head) is nn.Linear
+        and head.bias is None
         and not getattr(cfg, "final_logit_softcapping", None)
         and getattr(cfg, "logit_scale", 1.0) in (None, 1.0)
     )
@@ -30,8 +62,7 @@ class TrainingLoss(nn.Module):
     """Wraps the model for training: forward(**batch) returns the scalar loss (and is what DDP wraps).
 
     For causal LMs the loss is Σ CE(head(h_t), y_{t+1}) over labelled t, divided by their count, exactly the
-    transformers loss. Each chunk of `chunk` positions is checkpointed: its logits are recomputed in backward
-    instead of being kept, so activation memory for the head is chunk × vocab, not tokens × vocab.
+    transformers loss, computed by LinearCrossEntropy in chunks of `chunk` positions.
     """
 
     def __init__(self, model: nn.Module, lean: bool = True, chunk: int = 1024):
@@ -54,7 +85,5 @@ class TrainingLoss(nn.Module):
         keep = targets != IGNORE
         h, y = hidden[:, :-1][keep], targets[keep]  # the head never sees prompt or padding positions
         head = base.get_output_embeddings()
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, y.numel(), self.chunk):
-            total = total + checkpoint(_ce_sum, head, h[i : i + self.chunk], y[i : i + self.chunk], use_reentrant=False)
+        total = LinearCrossEntropy.apply(h, head.weight, y, self.chunk)
         return total / max(y.numel(), 1)

@@ -68,3 +68,19 @@ def test_prompt_tuning_and_classification_use_the_model_loss():
     assert not TrainingLoss(pm).lean
     batch = collate(_examples(), pad_id=0)
     torch.testing.assert_close(TrainingLoss(pm)(**batch), pm(**batch).loss)
+
+
+def test_linear_cross_entropy_gradients_for_a_trainable_head():
+    """Full fine-tuning trains the head too: dW from the fused loss equals autograd's."""
+    from smolpeft.loss import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=g)
+    (LinearCrossEntropy.apply(h, w, y, 8) * 0.5).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum") * 0.5).backward()
+    torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
