@@ -23,7 +23,7 @@ tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir)
 args = SFTConfig(output_dir=out, max_length=512, packing=True, gradient_checkpointing=True, max_steps=int(steps),
                  per_device_train_batch_size=int(batch), learning_rate=2e-4, logging_steps=1, report_to=[],
-                 save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="linear", warmup_ratio=0.06)
+                 save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="linear")
 trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
                      processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 m = trainer.train().metrics

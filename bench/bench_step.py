@@ -4,6 +4,8 @@ Each contender runs forward + backward + AdamW step on the adapter. The no-grad 
 timed too: a LoRA step cannot cost much less than 2x that (backward through frozen weights is about one forward).
 """
 
+import json
+import subprocess
 import sys
 
 import torch
@@ -16,6 +18,7 @@ def main():
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--mem", choices=["smolpeft", "peft"], help="internal: measure one contender's step memory")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import peft
@@ -44,12 +47,16 @@ def main():
         with torch.no_grad():
             ours(input_ids=ids)
 
+    if args.mem:  # a fresh process: the allocator holds no memory from the other contender's steps
+        with PeakRSS() as m:
+            {"smolpeft": step_ours, "peft": step_peft}[args.mem]()
+        print(json.dumps({"peak_step_mem_mb": m.delta}))
+        return
     t = alternate({"smolpeft": step_ours, "peft": step_peft, "forward": forward}, args.rounds)
     mem = {}
-    for name, fn in (("smolpeft", step_ours), ("peft", step_peft)):
-        with PeakRSS() as m:
-            fn()
-        mem[name] = m.delta
+    for name in ("smolpeft", "peft"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mem", name], capture_output=True, text=True, check=True)
+        mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_step_mem_mb"]
     med = {k: median(v) for k, v in t.items()}
     rows = [
         {"contender": "smolpeft", "step_s": med["smolpeft"], "peak_step_mem_mb": mem["smolpeft"]},
