@@ -146,15 +146,26 @@ class LoraLayer(nn.Module):
         return fused.view(out.shape)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """Each row of the batch gets its own adapter; rows are grouped so each adapter runs once."""
+        """Each row of the batch gets its own adapter (or none)."""
         names = expand_rows(names, x.shape[0])
-        out = out.clone()
-        for name in dict.fromkeys(names):
-            if name not in self.lora_A:  # BASE, or an adapter that does not touch this layer
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            out[rows] += self._delta(x[rows], name).to(out.dtype)
-        return out
+        present = [n for n in dict.fromkeys(names) if n in self.lora_A]  # BASE and adapters not on this layer: none
+        if not present:
+            return out
+        if self.is_embedding or self.training or len({self.r[n] for n in present}) > 1:
+            # Grouped: each adapter runs once on its rows (dropout and unequal ranks stay exact).
+            out = out.clone()
+            for name in present:
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+                out[rows] += self._delta(x[rows], name).to(out.dtype)
+            return out
+        # Inference with equal ranks: gather each row's factors and run two batched matmuls for the whole batch.
+        slot = torch.tensor([present.index(n) if n in present else 0 for n in names], device=x.device)
+        A = torch.stack([self.lora_A[n] for n in present])[slot]  # batch×r×in
+        B = torch.stack([self.lora_B[n] * self.scaling[n] for n in present])[slot]  # batch×out×r
+        on = torch.tensor([n in present for n in names], device=x.device, dtype=out.dtype)
+        xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
+        d = torch.bmm(torch.bmm(xb, A.transpose(1, 2)), B.transpose(1, 2)) * on[:, None, None]
+        return out + d.to(out.dtype).view(out.shape)
 
     def merge(self, name: str, safe: bool = False) -> None:
         if name in self.merged_adapters or name not in self.lora_A:
