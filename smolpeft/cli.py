@@ -27,6 +27,36 @@ def _train_parser(sub) -> None:
     _add_train_args(p)
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many LoRA adapters, batched together",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  smolpeft serve --model ./my-llama --adapter chat=runs/chat --adapter sql=runs/sql\n"
+                              "  smolpeft serve --model ./my-llama --adapter-dir runs --api-key $KEY --quantize nf4")
+    p.add_argument("--model", required=True, help="base model directory or Hub id; clients use it as the base's name")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter (repeatable)")
+    p.add_argument("--adapter-dir", help="POST /v1/adapters may load adapters from under this directory (else off)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SMOLPEFT_API_KEY"),
+                   help="required as 'Authorization: Bearer KEY' (default: $SMOLPEFT_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--quantize", choices=["nf4"], help="load the base in 4-bit NF4 (bitsandbytes)")
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=PATH, got {spec!r}")
+        adapters[name] = path
+    serve(args.model, adapters, adapter_dir=args.adapter_dir, host=args.host, port=args.port, api_key=args.api_key,
+          max_batch=args.max_batch, quantize=args.quantize)
+    return 0
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file whose keys are the flag names (with - or _)")
     p.add_argument("--model", help="base model directory or Hub id (default: bundled all-MiniLM-L6-v2)")
@@ -269,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
+    _serve_parser(sub)
     raw = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("sweep", help="LoRA at several ranks vs full fine-tuning vs prompt tuning, one report",
@@ -365,7 +396,8 @@ def cmd_compare_init(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "compare-init": cmd_compare_init, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}
+COMMANDS = {"sweep": cmd_sweep, "compare-init": cmd_compare_init, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
+            "serve": cmd_serve}
 
 
 def _quiet_libraries() -> None:
