@@ -92,6 +92,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-on-prompt", action="store_true", default=None)
     p.add_argument("--packing", action="store_true", default=None,
                    help="causal LM: pack examples into --max-length rows, attention kept within each example")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard the frozen base across ranks (FSDP2); adapters stay replicated")
 
 
 def train_config(args: argparse.Namespace):

@@ -72,7 +72,10 @@ class TrainingLoss(nn.Module):
         self.lean = lean and _lean_ok(base) and not getattr(model, "prompt_embeddings", None)
         self.chunk = chunk
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, outputs: bool = False):
+        if outputs:  # the model's own outputs (logits, loss), for evaluation through this wrapper
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
         if not self.lean or labels.dim() != 2:
             # Packed rows: transformers only builds the per-example mask when no KV cache is being filled.
             extra = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}

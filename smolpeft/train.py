@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from . import checkpoint
 from .config import LoraConfig, PromptTuningConfig
@@ -71,6 +73,7 @@ class TrainConfig:
     train_on_prompt: bool = False
     labels: list[str] | None = None  # classification label set and order; default: the labels in the data
     packing: bool = False  # causal LM: concatenate examples into max_length rows (attention stays per example)
+    fsdp: bool = False  # under torchrun: shard the frozen base across ranks (FSDP2); adapters stay replicated
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +83,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "rank", "virtual_tokens", "max_length", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fsdp and self.method in ("full", "qlora"):
+            raise ValueError(f"fsdp shards a frozen base under LoRA or prompt tuning; method={self.method!r} is not supported "
+                             "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 
@@ -139,8 +145,10 @@ def prepare(base, cfg: TrainConfig, kind: str, model_path: str):
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: int = 64) -> dict[str, float]:
-    """Mean loss (per token for LMs) plus accuracy for classification or perplexity for LMs."""
+def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: int = 64, call=None) -> dict[str, float]:
+    """Mean loss (per token for LMs) plus accuracy for classification or perplexity for LMs.
+
+    `call` replaces model(**batch) where the forward must enter through a wrapper (the FSDP root)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -148,7 +156,7 @@ def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: in
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for b in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[b : b + batch_size]], pad_id).items()}
-        out = model(**batch)
+        out = (call or model)(**batch)
         if kind == "cls":
             n = batch["labels"].numel()
             correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
@@ -253,6 +261,39 @@ def _dist_setup() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def shard_frozen_base(runner: nn.Module, trainable: list[torch.Tensor], world: int) -> int:
+    """FSDP2 over the frozen base: each repeated block is its own shard unit (gathered for its forward and backward,
+    freed after), the rest (embeddings, head, norms) belongs to the root. The trainable parameters are left out and
+    stay whole on every rank, so checkpoints, the optimizer and clipping see plain tensors; their gradients are
+    averaged by `allreduce_grads`. Returns the number of base elements this rank holds."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    ignored = set(trainable)
+    lists = [m for m in runner.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise ValueError("fsdp: found no repeated blocks (an nn.ModuleList of layers) to shard in this model")
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(runner, mesh=mesh, ignored_params=ignored)
+    return sum(p.to_local().numel() for p in runner.parameters() if isinstance(p, DTensor))
+
+
+def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average the trainable gradients over ranks in one collective (they are small: adapters, not the base)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(avg)
+
+
 def _n_targets(batch: dict) -> int:
     """What the loss averages over: label tokens (shifted, as causal LMs predict the next one) or examples."""
     labels = batch["labels"]
@@ -289,8 +330,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         base.config.pad_token_id = tok.pad_token_id
     model = prepare(base, cfg, ds.kind, model_path)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    if cfg.method != "qlora":
-        model.to(device)
+    if cfg.method != "qlora" and not cfg.fsdp:
+        model.to(device)  # under fsdp the blocks move one by one as they are sharded, never the whole base at once
     if cfg.gradient_checkpointing and cfg.method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_ex, n_trunc = encode(ds, "train", tok, cfg.max_length, cfg.train_on_prompt)
@@ -317,7 +358,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     log(f"{total} steps, global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per rank x "
         f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}")
     runner = TrainingLoss(model)
-    if world > 1:
+    call, fsdp_local = None, None
+    if world > 1 and cfg.fsdp:
+        fsdp_local = shard_frozen_base(runner, params, world)
+        model.to(device)  # what sharding left behind: the adapters, buffers
+        call = functools.partial(runner, outputs=True)  # evaluation enters through the FSDP root as well
+        log(f"fsdp: frozen base sharded over {world} ranks, {fsdp_local:,} base elements on this rank")
+    elif cfg.fsdp:
+        log("fsdp: one process, nothing to shard; launch with torchrun --nproc-per-node N to shard the base")
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # DDP registers hooks only on parameters that require grad: the frozen base is never synchronised.
@@ -333,7 +382,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
         log(f"resumed from {cfg.resume} at step {state['step']}")
     else:
-        state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+        state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, call=call)
         metrics.append({"step": 0, **state["before"]})
         log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
     if main_proc:
@@ -358,7 +407,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 mine = idx[rank::world]
                 batch = {key: v.to(device) for key, v in collate([train_ex[i] for i in mine], tok.pad_token_id).items()}
                 sync = k == len(micro) - 1 or world == 1
-                with contextlib.nullcontext() if sync else runner.no_sync():
+                with contextlib.nullcontext() if sync or call else runner.no_sync():
                     loss = runner(**batch) * (_n_targets(batch) / max(n_step, 1)) * world
                     loss.backward()
                 loss_total += loss.detach() / world
@@ -367,6 +416,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 window_tokens += n_tok * world
             if world > 1:
                 torch.distributed.all_reduce(loss_total)
+                if call:
+                    allreduce_grads(params, world)
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
@@ -383,7 +434,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 record = {"step": step, "epoch": state["epoch"], "loss": loss_value, "lr": sched.get_last_lr()[0], "tokens_per_s": tps}
                 window_tokens, window_t = 0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-                ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+                ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, call=call)
                 record = (record or {"step": step}) | ev
                 if ev["eval_loss"] < state["best_eval"] - 1e-6:
                     state["best_eval"], state["bad_evals"] = ev["eval_loss"], 0
@@ -410,7 +461,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     train_time = time.time() - t_train
 
     # --- cleanup: final eval and outputs -----------------------------------------------------------------------
-    after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id)
+    after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, call=call)
     metrics.append({"step": state["step"], **after})
     tokens = state["tokens"] - tokens_at_start
     summary = {
@@ -421,7 +472,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "peak_rss_mb": peak_rss_mb(), "model_footprint_mb": base.get_memory_footprint() / 2**20,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None,
         "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
-        "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": state.get("before"), "after": after,
+        "fsdp_local_base_elements": fsdp_local, "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": state.get("before"), "after": after,
     }
     if main_proc:
         checkpoint.atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())

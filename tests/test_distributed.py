@@ -62,3 +62,37 @@ def test_resume_under_torchrun_and_a_failing_rank_ends_the_job(lm, tmp_path):
     a, b = read_weights(tmp_path / "full"), read_weights(tmp_path / "cut")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_fsdp_shards_the_frozen_base_and_matches_one_process(lm, tmp_path):
+    one = _run(_cfg(lm, tmp_path / "one", 4), nproc=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    cfg = _cfg(lm, tmp_path / "fsdp", 2, save_every=3, fsdp=True, gradient_checkpointing=True)
+    two = _run(cfg, nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "fsdp"), abs=1e-5)
+    a, b = read_weights(tmp_path / "one"), read_weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    # each rank held half of the base (FSDP pads a shard by at most a row per tensor)
+    summary = json.loads((tmp_path / "fsdp/summary.json").read_text())
+    base = transformers.AutoModelForCausalLM.from_pretrained(lm / "base")
+    n_base = sum(p.numel() for p in base.parameters())
+    assert n_base / 2 <= summary["fsdp_local_base_elements"] <= n_base / 2 + 2000
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
+    # resuming the sharded run from its checkpoint lands on the same weights
+    resumed = _run(cfg | {"output_dir": str(tmp_path / "fsdp"), "resume": str(tmp_path / "fsdp/checkpoint-3")}, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    c = read_weights(tmp_path / "fsdp")
+    for k in a:
+        torch.testing.assert_close(b[k], c[k], atol=1e-6, rtol=0)
+    assert peft.PeftModel.from_pretrained(base, tmp_path / "fsdp") is not None
+
+
+def test_fsdp_refuses_methods_without_a_frozen_base():
+    from smolpeft.train import TrainConfig
+
+    for method in ("full", "qlora"):
+        with pytest.raises(ValueError, match=f"fsdp.*method='{method}'"):
+            TrainConfig(method=method, fsdp=True)
