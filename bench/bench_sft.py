@@ -1,8 +1,11 @@
 """b) The same SFT job with `smolpeft train` and with TRL's SFTTrainer + peft: the built-in chat data, LoRA r=16 on
 all linear layers, sequence length 512, packing, gradient checkpointing, same steps and batch. Each job runs in a
-fresh process; tokens/s counts real tokens (no padding), and peak RSS is the process's."""
+fresh process, alternating smolpeft and TRL over --rounds rounds (medians); tokens/s counts real tokens (no padding),
+and peak RSS is the process's. Both train in fp32: TRL's default bf16 autocast is set off, since on a CPU without
+bf16 matrix units it is many times slower and would not be a like-for-like comparison."""
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -23,7 +26,7 @@ tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir)
 args = SFTConfig(output_dir=out, max_length=512, packing=True, gradient_checkpointing=True, max_steps=int(steps),
                  per_device_train_batch_size=int(batch), learning_rate=2e-4, logging_steps=1, report_to=[],
-                 save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="linear")
+                 save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="linear", bf16=False)
 trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
                      processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 m = trainer.train().metrics
@@ -74,14 +77,19 @@ def main():
     root = tempfile.mkdtemp()
     model_dir, data = build(args.layers, root)
     env = os.environ | {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    results = {}
-    for name, child in (("smolpeft", OURS_CHILD), ("trl+peft", TRL_CHILD)):
-        cmd = [sys.executable, "-c", child, model_dir, data, os.path.join(root, name), str(args.steps), str(args.batch), str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode:
-            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        results[name] = r | {"tokens_per_s": r["tokens"] / r["train_s"]}
+    runs: dict[str, list[dict]] = {"smolpeft": [], "trl+peft": []}
+    children = {"smolpeft": OURS_CHILD, "trl+peft": TRL_CHILD}
+    for r in range(args.rounds):
+        for name in (("smolpeft", "trl+peft") if r % 2 == 0 else ("trl+peft", "smolpeft")):
+            cmd = [sys.executable, "-c", children[name], model_dir, data, os.path.join(root, f"{name}-{r}"),
+                   str(args.steps), str(args.batch), str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(res | {"tokens_per_s": res["tokens"] / res["train_s"]})
+            print(f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    results = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     rows = [{"job": k, **v} for k, v in results.items()]
     ours, trl = results["smolpeft"], results["trl+peft"]
     key = (f"tokens/s smolpeft/TRL = {ours['tokens_per_s'] / trl['tokens_per_s']:.3f} (target >= 1.5); "

@@ -20,7 +20,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # None under no_grad (evaluation)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, y.numel(), chunk):
             hc, yc = h[i : i + chunk], y[i : i + chunk]
@@ -30,7 +30,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed any more
             probs[torch.arange(yc.numel(), device=h.device), yc] -= 1
             probs = probs.to(h.dtype)
-            grad_h[i : i + chunk] = probs @ weight
+            if grad_h is not None:
+                grad_h[i : i + chunk] = probs @ weight
             if grad_w is not None:
                 grad_w += (probs.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
@@ -65,7 +66,7 @@ class TrainingLoss(nn.Module):
     transformers loss, computed by LinearCrossEntropy in chunks of `chunk` positions.
     """
 
-    def __init__(self, model: nn.Module, lean: bool = True, chunk: int = 1024):
+    def __init__(self, model: nn.Module, lean: bool = True, chunk: int = 256):
         super().__init__()
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

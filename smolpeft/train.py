@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -145,10 +144,13 @@ def prepare(base, cfg: TrainConfig, kind: str, model_path: str):
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: int = 64, call=None) -> dict[str, float]:
+def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: int = 64,
+             runner: TrainingLoss | None = None) -> dict[str, float]:
     """Mean loss (per token for LMs) plus accuracy for classification or perplexity for LMs.
 
-    `call` replaces model(**batch) where the forward must enter through a wrapper (the FSDP root)."""
+    The forward enters through `runner` (the training wrapper, the FSDP root under --fsdp): LM losses come from its
+    chunked cross-entropy, so an eval batch never holds batch x length x vocab fp32 logits."""
+    runner = runner or TrainingLoss(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -156,13 +158,14 @@ def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: in
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for b in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[b : b + batch_size]], pad_id).items()}
-        out = (call or model)(**batch)
         if kind == "cls":
-            n = batch["labels"].numel()
+            out = runner(**batch, outputs=True)
+            n, loss = batch["labels"].numel(), out.loss
             correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
         else:
             n = (batch["labels"][:, 1:] != -100).sum().item()  # causal LMs predict each label from the token before
-        loss_sum += out.loss.item() * n
+            loss = runner(**batch)
+        loss_sum += loss.item() * n
         count += n
     model.train(was_training)
     loss = loss_sum / max(count, 1)
@@ -358,11 +361,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     log(f"{total} steps, global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per rank x "
         f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}")
     runner = TrainingLoss(model)
-    call, fsdp_local = None, None
+    evaluator, fsdp_local = runner, None
     if world > 1 and cfg.fsdp:
         fsdp_local = shard_frozen_base(runner, params, world)
         model.to(device)  # what sharding left behind: the adapters, buffers
-        call = functools.partial(runner, outputs=True)  # evaluation enters through the FSDP root as well
         log(f"fsdp: frozen base sharded over {world} ranks, {fsdp_local:,} base elements on this rank")
     elif cfg.fsdp:
         log("fsdp: one process, nothing to shard; launch with torchrun --nproc-per-node N to shard the base")
@@ -382,7 +384,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
         log(f"resumed from {cfg.resume} at step {state['step']}")
     else:
-        state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, call=call)
+        state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
         metrics.append({"step": 0, **state["before"]})
         log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
     if main_proc:
@@ -407,7 +409,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 mine = idx[rank::world]
                 batch = {key: v.to(device) for key, v in collate([train_ex[i] for i in mine], tok.pad_token_id).items()}
                 sync = k == len(micro) - 1 or world == 1
-                with contextlib.nullcontext() if sync or call else runner.no_sync():
+                with contextlib.nullcontext() if sync or cfg.fsdp else runner.no_sync():
                     loss = runner(**batch) * (_n_targets(batch) / max(n_step, 1)) * world
                     loss.backward()
                 loss_total += loss.detach() / world
@@ -416,7 +418,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 window_tokens += n_tok * world
             if world > 1:
                 torch.distributed.all_reduce(loss_total)
-                if call:
+                if cfg.fsdp:
                     allreduce_grads(params, world)
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -434,7 +436,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 record = {"step": step, "epoch": state["epoch"], "loss": loss_value, "lr": sched.get_last_lr()[0], "tokens_per_s": tps}
                 window_tokens, window_t = 0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-                ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, call=call)
+                ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
                 record = (record or {"step": step}) | ev
                 if ev["eval_loss"] < state["best_eval"] - 1e-6:
                     state["best_eval"], state["bad_evals"] = ev["eval_loss"], 0
@@ -461,7 +463,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     train_time = time.time() - t_train
 
     # --- cleanup: final eval and outputs -----------------------------------------------------------------------
-    after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, call=call)
+    after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
     metrics.append({"step": state["step"], **after})
     tokens = state["tokens"] - tokens_at_start
     summary = {

@@ -84,3 +84,21 @@ def test_linear_cross_entropy_gradients_for_a_trainable_head():
     (torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum") * 0.5).backward()
     torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_through_the_lean_loss_matches_transformers():
+    """evaluate() takes LM losses from the chunked path (no batch x vocab logits): same per-token mean as the
+    model's own loss over all the labelled tokens."""
+    import math
+
+    from smolpeft.train import evaluate
+
+    model, examples = _model(), _examples(n=9, seed=3)
+    with torch.no_grad():
+        batch = collate(examples, pad_id=0)
+        logits = model(**batch).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    got = evaluate(model, examples, "lm", pad_id=0, batch_size=4)  # several batches, weighted by their token counts
+    assert got["eval_loss"] == pytest.approx(want.item(), abs=1e-5)
+    assert got["eval_perplexity"] == pytest.approx(math.exp(want.item()), rel=1e-5)
