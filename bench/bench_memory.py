@@ -1,6 +1,7 @@
 """d) Training memory: QLoRA (NF4 base) vs LoRA (fp32 base) on the SmolLM2-135M shape, each in a fresh process.
 
-Reports the base model footprint and the process's peak RSS over load + a few training steps.
+Reports the base model footprint and the process's peak RSS over load + a few training steps, with and without
+gradient checkpointing (the same setting for both methods in each pair).
 """
 
 import json
@@ -16,7 +17,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 import transformers, smolpeft
 from smolpeft.loss import TrainingLoss
-path, method, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, method, steps, threads, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 torch.set_num_threads(threads)
 kw = {}
 if method == "qlora":
@@ -25,6 +26,8 @@ if method == "qlora":
 model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
 if method == "qlora":
     prepare_for_kbit_training(model)
+if ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 footprint = model.get_memory_footprint()
 pm = smolpeft.get_peft_model(model, smolpeft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 pm.train()
@@ -46,13 +49,17 @@ def main():
     d = tempfile.mkdtemp()
     smollm2(args.layers).save_pretrained(d)
     results = {}
-    for method in ("lora", "qlora"):
-        out = subprocess.run([sys.executable, "-c", CHILD, d, method, str(args.steps), str(args.threads)],
-                             capture_output=True, text=True, check=True, env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"})
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    rows = [{"method": m, **r} for m, r in results.items()]
-    key = (f"QLoRA/LoRA: base footprint {results['qlora']['footprint_mb'] / results['lora']['footprint_mb']:.3f} "
-           f"(target <= 0.35 at 30 layers), training peak RSS {results['qlora']['peak_rss_mb'] / results['lora']['peak_rss_mb']:.3f}")
+    for ckpt in (0, 1):
+        for method in ("lora", "qlora"):
+            cmd = [sys.executable, "-c", CHILD, d, method, str(args.steps), str(args.threads), str(ckpt)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"})
+            results[method, ckpt] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [{"method": m, "gradient_checkpointing": bool(c), **r} for (m, c), r in results.items()]
+    ratio = {c: results["qlora", c]["peak_rss_mb"] / results["lora", c]["peak_rss_mb"] for c in (0, 1)}
+    key = (f"QLoRA/LoRA: base footprint {results['qlora', 0]['footprint_mb'] / results['lora', 0]['footprint_mb']:.3f} "
+           f"(target <= 0.35 at 30 layers), training peak RSS {ratio[0]:.3f} without and {ratio[1]:.3f} with gradient "
+           f"checkpointing (target < 1)")
     report("memory", rows, key, {"args": vars(args)})
 
 

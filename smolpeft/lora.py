@@ -69,6 +69,7 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.merged_adapters: list[str] = []
         self.state = state
+        self._stacked: tuple = (None, None)  # (key, factors) for mixed-adapter inference; see _stack
 
     def add(self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig) -> None:
         w = base_weight(self.base_layer)
@@ -141,9 +142,11 @@ class LoraLayer(nn.Module):
         if self.is_embedding or out.dtype != B.dtype:
             return out + self._delta(x, name).to(out.dtype)
         h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
-        # s·B folds the scaling into the small r×out factor, and addmm adds the product to out in one kernel.
-        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), (B * self.scaling[name]).T)
-        return fused.view(out.shape)
+        # s·B folds the scaling into the small r×out factor, and addmm_ adds the product into the base output in
+        # place: one kernel, no copy of out (the base matmul keeps its input and weight for backward, never out).
+        flat = out.reshape(-1, out.shape[-1])
+        flat.addmm_(h.reshape(-1, h.shape[-1]), (B * self.scaling[name]).T)
+        return flat.view(out.shape)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Each row of the batch gets its own adapter (or none)."""
@@ -151,21 +154,38 @@ class LoraLayer(nn.Module):
         present = [n for n in dict.fromkeys(names) if n in self.lora_A]  # BASE and adapters not on this layer: none
         if not present:
             return out
-        if self.is_embedding or self.training or len({self.r[n] for n in present}) > 1:
-            # Grouped: each adapter runs once on its rows (dropout and unequal ranks stay exact).
+        if self.is_embedding or self.training or torch.is_grad_enabled() or len({self.r[n] for n in present}) > 1:
+            # Grouped: each adapter runs once on its rows (dropout, gradients and unequal ranks stay exact).
             out = out.clone()
             for name in present:
                 rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
                 out[rows] += self._delta(x[rows], name).to(out.dtype)
             return out
-        # Inference with equal ranks: gather each row's factors and run two batched matmuls for the whole batch.
-        slot = torch.tensor([present.index(n) if n in present else 0 for n in names], device=x.device)
-        A = torch.stack([self.lora_A[n] for n in present])[slot]  # batch×r×in
-        B = torch.stack([self.lora_B[n] * self.scaling[n] for n in present])[slot]  # batch×out×r
-        on = torch.tensor([n in present for n in names], device=x.device, dtype=out.dtype)
+        # Inference with equal ranks: gather each row's factors and run two batched matmuls for the whole batch,
+        # the second accumulating into the base output in place. Rows without an adapter gather a zero factor.
+        A, B = self._stack(present)
+        slot = torch.tensor([present.index(n) if n in present else len(present) for n in names], device=x.device)
         xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
-        d = torch.bmm(torch.bmm(xb, A.transpose(1, 2)), B.transpose(1, 2)) * on[:, None, None]
-        return out + d.to(out.dtype).view(out.shape)
+        h = torch.bmm(xb, A[slot].transpose(1, 2))
+        if out.dtype != B.dtype:
+            return out + torch.bmm(h, B[slot].transpose(1, 2)).to(out.dtype).view(out.shape)
+        o = out.reshape(x.shape[0], -1, out.shape[-1])
+        o.baddbmm_(h, B[slot].transpose(1, 2))  # inference only: out is ours to overwrite
+        return o.view(out.shape)
+
+    def _stack(self, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k+1)×r×in A's and (k+1)×out×r scaled B's of the present adapters plus a zero slot, rebuilt only when an
+        adapter's tensors change (in-place updates bump the tensor version, reloads replace the tensor)."""
+        key = tuple((n, id(self.lora_A[n]), self.lora_A[n]._version, id(self.lora_B[n]), self.lora_B[n]._version,
+                     self.scaling[n]) for n in present)
+        if self._stacked[0] != key:
+            with torch.no_grad():
+                A = torch.stack([self.lora_A[n] for n in present])
+                B = torch.stack([self.lora_B[n] * self.scaling[n] for n in present])
+                A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
+                B = torch.cat([B, B.new_zeros(1, *B.shape[1:])])
+            self._stacked = (key, (A, B))
+        return self._stacked[1]
 
     def merge(self, name: str, safe: bool = False) -> None:
         if name in self.merged_adapters or name not in self.lora_A:

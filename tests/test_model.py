@@ -71,6 +71,44 @@ def test_mixed_batch_equals_per_adapter_rows(tmp_path):
         model(input_ids=x[:1], adapter_names=["b"])
 
 
+def test_mixed_batch_equal_ranks_batched_path_follows_weight_updates():
+    """Equal ranks take the batched-matmul path (stacked factors, cached): rows match single-adapter runs, a
+    __base__ row gets nothing, an in-place weight update is seen, and with gradients on the exact path is used."""
+    model = _lora()
+    model.add_adapter("b", smolpeft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                               init_lora_weights=False))
+    model.eval()
+    x = tiny.ids(batch=3)
+    names = ["b", "__base__", "default"]
+
+    def rows():
+        out = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    out.append(_logits(model, x[i : i + 1]))
+            else:
+                model.set_adapter(name)
+                out.append(_logits(model, x[i : i + 1]))
+        return torch.cat(out)
+
+    torch.testing.assert_close(_logits(model, x, adapter_names=names), rows(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.b" in n:
+                p.mul_(-2)  # in place: the cached stack must notice
+    torch.testing.assert_close(_logits(model, x, adapter_names=names), rows(), atol=1e-5, rtol=0)
+    model.set_adapter("b")  # b trains; with gradients on, row 0's gradient equals b run alone on that row
+    grads = []
+    for kw, rows_ in ((dict(adapter_names=names), slice(0, 3)), ({}, slice(0, 1))):
+        model.zero_grad()
+        model(input_ids=x[rows_], **kw).logits[0].pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and all(n.endswith(".b") for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+
+
 def test_mixed_batch_with_classification_heads():
     model = _lora(tiny.bert_cls, target_modules=["query", "value"], task_type="SEQ_CLS")
     model.add_adapter("b", smolpeft.LoraConfig(r=2, target_modules=["value"], init_lora_weights=False, task_type="SEQ_CLS"))
