@@ -59,13 +59,16 @@ class PeakRSS:
 
 
 def alternate(contenders: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each contender once per round, in turn, so machine noise hits all of them alike."""
+    """Run each contender once per round, in turn, so machine noise hits all of them alike; the order rotates each
+    round, so no contender always runs first or right after the same neighbour."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in contenders}
-    for _ in range(rounds):
-        for k, fn in contenders.items():
+    names = list(contenders)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            fn = contenders[k]
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)

@@ -1,7 +1,8 @@
 """d) Training memory: QLoRA (NF4 base) vs LoRA (fp32 base) on the SmolLM2-135M shape, each in a fresh process.
 
-Reports the base model footprint and the process's peak RSS over load + a few training steps, with and without
-gradient checkpointing (the same setting for both methods in each pair).
+Reports the base model footprint, the peak RSS of the training steps (sampled every millisecond) and the process's
+peak including loading (where QLoRA reads the fp32 checkpoint before quantizing it), with and without gradient
+checkpointing (the same setting for both methods in each pair).
 """
 
 import json
@@ -34,10 +35,16 @@ pm.train()
 loss_fn = TrainingLoss(pm)
 opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
 ids = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
+import gc; gc.collect()
+sys.path.insert(0, sys.argv[6])
+from _common import PeakRSS, rss_mb
+loaded = rss_mb()
 t0 = time.perf_counter()
-for _ in range(steps):
-    loss_fn(input_ids=ids, labels=ids).backward(); opt.step(); opt.zero_grad(set_to_none=True)
-print(json.dumps({"footprint_mb": footprint / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+with PeakRSS() as train_peak:  # sampled every ms: the training phase alone, apart from loading
+    for _ in range(steps):
+        loss_fn(input_ids=ids, labels=ids).backward(); opt.step(); opt.zero_grad(set_to_none=True)
+print(json.dumps({"footprint_mb": footprint / 2**20, "rss_after_load_mb": loaded, "train_peak_rss_mb": train_peak.peak,
+                  "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "step_s": (time.perf_counter() - t0) / steps}))
 """
 
@@ -51,15 +58,18 @@ def main():
     results = {}
     for ckpt in (0, 1):
         for method in ("lora", "qlora"):
-            cmd = [sys.executable, "-c", CHILD, d, method, str(args.steps), str(args.threads), str(ckpt)]
+            cmd = [sys.executable, "-c", CHILD, d, method, str(args.steps), str(args.threads), str(ckpt),
+                   os.path.dirname(os.path.abspath(__file__))]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                  env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"})
             results[method, ckpt] = json.loads(out.stdout.strip().splitlines()[-1])
     rows = [{"method": m, "gradient_checkpointing": bool(c), **r} for (m, c), r in results.items()]
-    ratio = {c: results["qlora", c]["peak_rss_mb"] / results["lora", c]["peak_rss_mb"] for c in (0, 1)}
+    ratio = {(c, k): results["qlora", c][k] / results["lora", c][k] for c in (0, 1)
+             for k in ("train_peak_rss_mb", "process_peak_rss_mb")}
     key = (f"QLoRA/LoRA: base footprint {results['qlora', 0]['footprint_mb'] / results['lora', 0]['footprint_mb']:.3f} "
-           f"(target <= 0.35 at 30 layers), training peak RSS {ratio[0]:.3f} without and {ratio[1]:.3f} with gradient "
-           f"checkpointing (target < 1)")
+           f"(target <= 0.35 at 30 layers); training peak RSS {ratio[0, 'train_peak_rss_mb']:.3f} without and "
+           f"{ratio[1, 'train_peak_rss_mb']:.3f} with gradient checkpointing (target < 1); process peak, loading "
+           f"included, {ratio[0, 'process_peak_rss_mb']:.3f} and {ratio[1, 'process_peak_rss_mb']:.3f}")
     report("memory", rows, key, {"args": vars(args)})
 
 

@@ -24,11 +24,17 @@ def bnb_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.flo
 
 
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
-    """Freeze the base, keep norms (and other small float params) in fp32, and let gradients reach the inputs."""
+    """Freeze the base, keep norms (and other small float params) in fp32, and let gradients reach the inputs.
+
+    The unquantized tensors (embeddings, norms, head) are copied out of the loaded checkpoint: loaded zero-copy,
+    they keep the whole memory-mapped file alive, and with it every page that was read to quantize the rest, so
+    the process would hold the full-precision checkpoint next to its 4-bit copy."""
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+        elif p.dtype.is_floating_point:
+            p.data = p.data.clone()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
