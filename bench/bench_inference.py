@@ -33,6 +33,9 @@ def main():
         lora.load_adapter(d, adapter_name=f"a{i}")
         loads.append(time.perf_counter() - t0)
     names = ["default"] + [f"a{i}" for i in range(1, 8)]
+    # get_peft_model leaves the model in training mode (as peft does); inference is measured in eval mode.
+    for m in (base, merged_model, lora):
+        m.eval()
 
     def run(model, **kw):
         def f():

@@ -142,11 +142,13 @@ class LoraLayer(nn.Module):
         if self.is_embedding or out.dtype != B.dtype:
             return out + self._delta(x, name).to(out.dtype)
         h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
-        # s·B folds the scaling into the small r×out factor, and addmm_ adds the product into the base output in
-        # place: one kernel, no copy of out (the base matmul keeps its input and weight for backward, never out).
-        flat = out.reshape(-1, out.shape[-1])
-        flat.addmm_(h.reshape(-1, h.shape[-1]), (B * self.scaling[name]).T)
-        return flat.view(out.shape)
+        # s·B folds the scaling into the small r×out factor, and addmm adds the product to out in one kernel. With
+        # no graph to record (inference), it adds in place and skips the copy of out; under autograd an in-place
+        # op on a view of out would cost more in backward than the copy saves.
+        flat, h, Bs = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), (B * self.scaling[name]).T
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, h, Bs).view(out.shape)
+        return flat.addmm_(h, Bs).view(out.shape)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Each row of the batch gets its own adapter (or none)."""
