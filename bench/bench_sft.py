@@ -5,14 +5,13 @@ and peak RSS is the process's. Both train in fp32: TRL's default bf16 autocast i
 bf16 matrix units it is many times slower and would not be a like-for-like comparison."""
 
 import json
-import statistics
 import os
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import parser, report, smollm2  # noqa: E402
+from _common import median, parser, report, smollm2  # noqa: E402
 
 TRL_CHILD = r"""
 import json, resource, sys, torch
@@ -89,7 +88,7 @@ def main():
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[name].append(res | {"tokens_per_s": res["tokens"] / res["train_s"]})
             print(f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
-    results = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    results = {name: {k: median([x[k] for x in rs]) for k in rs[0]} for name, rs in runs.items()}
     rows = [{"job": k, **v} for k, v in results.items()]
     ours, trl = results["smolpeft"], results["trl+peft"]
     key = (f"tokens/s smolpeft/TRL = {ours['tokens_per_s'] / trl['tokens_per_s']:.3f} (target >= 1.5); "

@@ -69,7 +69,7 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.merged_adapters: list[str] = []
         self.state = state
-        self._stacked: tuple = (None, None)  # (key, factors) for mixed-adapter inference; see _stack
+        self._stacked: tuple = (None, None, None)  # (key, factors, source tensors) for mixed batches; see _stack
 
     def add(self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig) -> None:
         w = base_weight(self.base_layer)
@@ -178,15 +178,16 @@ class LoraLayer(nn.Module):
     def _stack(self, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(k+1)×r×in A's and (k+1)×out×r scaled B's of the present adapters plus a zero slot, rebuilt only when an
         adapter's tensors change (in-place updates bump the tensor version, reloads replace the tensor)."""
-        key = tuple((n, id(self.lora_A[n]), self.lora_A[n]._version, id(self.lora_B[n]), self.lora_B[n]._version,
-                     self.scaling[n]) for n in present)
+        tensors = [t for n in present for t in (self.lora_A[n], self.lora_B[n])]
+        key = (tuple(present), tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
+               tuple(self.scaling[n] for n in present))
         if self._stacked[0] != key:
             with torch.no_grad():
-                A = torch.stack([self.lora_A[n] for n in present])
-                B = torch.stack([self.lora_B[n] * self.scaling[n] for n in present])
-                A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
-                B = torch.cat([B, B.new_zeros(1, *B.shape[1:])])
-            self._stacked = (key, (A, B))
+                As = [self.lora_A[n] for n in present]
+                Bs = [self.lora_B[n] * self.scaling[n] for n in present]
+                factors = torch.stack([*As, torch.zeros_like(As[0])]), torch.stack([*Bs, torch.zeros_like(Bs[0])])
+            # The tensors are kept with the key so that their ids cannot be reused by new tensors while cached.
+            self._stacked = (key, factors, tensors)
         return self._stacked[1]
 
     def merge(self, name: str, safe: bool = False) -> None:

@@ -74,13 +74,12 @@ class TrainingLoss(nn.Module):
         self.chunk = chunk
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, outputs: bool = False):
-        if outputs:  # the model's own outputs (logits, loss), for evaluation through this wrapper
-            extra = {} if position_ids is None else {"position_ids": position_ids}
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
-        if not self.lean or labels.dim() != 2:
-            # Packed rows: transformers only builds the per-example mask when no KV cache is being filled.
+        if outputs or not self.lean or labels.dim() != 2:
+            # The model's own loss; with outputs=True its whole output (logits too), for evaluation through this
+            # wrapper. Packed rows: transformers only builds the per-example mask when no KV cache is being filled.
             extra = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
+            return out if outputs else out.loss
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         hidden = base.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
