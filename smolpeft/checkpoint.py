@@ -1,24 +1,32 @@
-"""PEFT's on-disk adapter format: key names, safe reading, atomic writing."""
+"""PEFT's on-disk adapter format: key names, state dicts, safe reading (header first), atomic writing."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
+import struct
 import tempfile
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from .config import WEIGHTS_NAME
-from .lora import LoraLayer, ModulesToSave
+from .config import WEIGHTS_NAME, LoraConfig
+from .lora import LoraLayer, _pattern_value, _shape, resolve_targets
 
 BIN_NAME = "adapter_model.bin"
+_MAX_HEADER = 100 << 20  # safetensors headers are JSON; anything this large is not an adapter
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    """Write to a temp file in the same directory, then rename: readers never see half a file. The file gets the
+    usual permissions (0666 less the umask), not mkstemp's 0600, so a server running as another user can read it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
@@ -27,85 +35,318 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def adapter_params(model: nn.Module, name: str, prompt: nn.Parameter | None = None) -> dict[str, torch.Tensor]:
-    """PEFT file key -> live tensor for adapter `name` (the adapter name itself never appears in a key).
+# --- key names ---------------------------------------------------------------------------------------------------
 
-    LoRA keys sit under `base_model.model.`, prompt tuning's head weights under `base_model.`, because PEFT wraps
-    the transformers model once more (in a LoraModel) for LoRA only.
-    """
-    prefix = "base_model." if prompt is not None else "base_model.model."
-    out: dict[str, torch.Tensor] = {}
-    if prompt is not None:
-        out["prompt_embeddings"] = prompt
-    for path, m in model.named_modules():
-        if isinstance(m, LoraLayer) and name in m.lora_A:
-            a, b = ("lora_embedding_A", "lora_embedding_B") if m.is_embedding else ("lora_A.weight", "lora_B.weight")
-            out[f"{prefix}{path}.{a}"] = m.lora_A[name]
-            out[f"{prefix}{path}.{b}"] = m.lora_B[name]
-        elif isinstance(m, ModulesToSave) and name in m.modules_to_save:
-            for k, v in m.modules_to_save[name].state_dict(keep_vars=True).items():
-                out[f"{prefix}{path}.{k}"] = v  # saved under the module's own path, as if it were not wrapped
+
+def _file_key(key: str, name: str) -> str | None:
+    """PEFT's file key for a state-dict key of adapter `name` (the adapter name dropped), or None if the key is not
+    that adapter's. Trained copies of whole modules are saved under the module's own path, as if not wrapped."""
+    for part in ("lora_A", "lora_B"):
+        if f".{part}.{name}." in key:
+            return key.replace(f".{part}.{name}.", f".{part}.")
+    for part in ("lora_embedding_A", "lora_embedding_B"):
+        if key.endswith(f".{part}.{name}"):
+            return key[: -len(name) - 1]
+    if f".modules_to_save.{name}." in key:
+        return key.replace(f".modules_to_save.{name}.", ".")
+    if key == f"prompt_encoder.{name}.embedding.weight":
+        return "prompt_embeddings"
+    return None
+
+
+def _embedding_layers(model: nn.Module, adapter_name: str, save: bool | str, state: dict[str, Any]) -> dict[str, Any]:
+    """Full embedding weights saved next to the adapter: with save_embedding_layers=True, or "auto" when LoRA
+    targets an embedding layer (PEFT's rule) or the vocabulary was resized since the base checkpoint."""
+    config = model.peft_config[adapter_name]
+    inner = model.get_base_model()
+    targets = getattr(config, "target_modules", None) or []
+    names = [n for n, _ in inner.named_modules() if re.match(r"(.*\.)?(embed_tokens|lm_head)$", n)]
+    if isinstance(targets, str) and targets != "all-linear":
+        targeted = any(re.fullmatch(targets, n) for n in names)
+    else:
+        targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
+    if save == "auto":
+        save = targeted or _vocab_resized(inner, config)
+    if not save or not hasattr(inner, "get_input_embeddings"):
+        return {}
+    layers = [inner.get_input_embeddings(), inner.get_output_embeddings()]
+    prefix = "base_model.model." if isinstance(config, LoraConfig) else "base_model."
+    out = {}
+    for path, m in inner.named_modules():
+        base = m.base_layer if isinstance(m, LoraLayer) else m
+        if any(x is layer for layer in layers if layer is not None for x in (m, base)):  # either may be the wrapper
+            if targeted and not isinstance(m, LoraLayer):
+                continue  # targeted: only the wrapped embeddings' base weights, as PEFT saves them
+            key = f"{prefix}{path}.base_layer.weight" if isinstance(m, LoraLayer) else f"{prefix}{path}.weight"
+            out[key] = state.get(key, base.weight)  # the state dict's entry, which has the same key
     return out
 
 
-def embedding_base_params(model: nn.Module, config, prompt: bool = False) -> dict[str, torch.Tensor]:
-    """Base weights of LoRA-wrapped input/output embeddings, which PEFT also saves when `target_modules` names
-    embed_tokens or lm_head (its test is a substring test, so a regex counts too): we write the same file."""
-    targets = getattr(config, "target_modules", None) or []
-    if not any(k in targets for k in ("embed_tokens", "lm_head")):
-        return {}
-    prefix = "base_model." if prompt else "base_model.model."
-    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    return {
-        f"{prefix}{path}.base_layer.weight": m.base_layer.weight
-        for path, m in model.named_modules()
-        if isinstance(m, LoraLayer) and any(m is layer for layer in layers)
-    }
+def _vocab_resized(inner: nn.Module, config) -> bool:
+    base = getattr(config, "base_model_name_or_path", None)
+    vocab = getattr(getattr(inner, "config", None), "vocab_size", None)
+    path = os.path.join(base, "config.json") if base else None
+    if not (vocab and path and os.path.isfile(path)):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("vocab_size", vocab) != vocab
 
 
-def save_weights(tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> None:
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name`'s tensors under PEFT's file keys, e.g. `base_model.model.q_proj.lora_A.weight`."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    state = model.state_dict() if state_dict is None else state_dict
+    out = {fk: v for k, v in state.items() if (fk := _file_key(k, adapter_name)) is not None}
+    return out | _embedding_layers(model, adapter_name, save_embedding_layers, state)
+
+
+def _live(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """File key -> live tensor of the model for adapter `adapter_name` (embedding layers only if the file has them)."""
+    live = get_peft_model_state_dict(model, model.state_dict(keep_vars=True), adapter_name, save_embedding_layers=True)
+    own = {fk for k in model.state_dict(keep_vars=True) if (fk := _file_key(k, adapter_name)) is not None}
+    return {k: v for k, v in live.items() if k in own or k in loaded}
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _IncompatibleKeys:
+    """Copy a state dict with PEFT's file keys into adapter `adapter_name`; returns the missing and unexpected keys
+    (missing adapter keys stay as they are, as in PEFT). Shapes are checked before anything is copied."""
+    live = _live(model, adapter_name, peft_model_state_dict)
+    present = {k: v for k, v in live.items() if k in peft_model_state_dict}
+    copy_into(present, peft_model_state_dict, "state dict", ignore_mismatched_sizes, strict=False)
+    return _IncompatibleKeys(sorted(set(live) - set(peft_model_state_dict)), sorted(set(peft_model_state_dict) - set(live)))
+
+
+def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], adapter_name: str, source: str,
+                         ignore_mismatched_sizes: bool = False) -> None:
+    """Strict form for files: every adapter key must be there and nothing else, or the model is left untouched."""
+    copy_into(_live(model, adapter_name, weights), weights, source, ignore_mismatched_sizes, strict=True)
+
+
+def copy_into(params: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: str,
+              ignore_mismatched_sizes: bool = False, strict: bool = True) -> None:
+    """Check names and shapes of every key first, then copy: a bad file leaves the model untouched."""
+    missing = sorted(set(params) - set(loaded))
+    unexpected = sorted(set(loaded) - set(params))
+    if strict and unexpected:
+        raise KeyError(
+            f"{source}: {len(unexpected)} keys match no adapter layer of this model, e.g. {unexpected[0]!r} "
+            "(an adapter for another architecture?)"
+        )
+    if strict and missing:
+        raise KeyError(f"{source}: {len(missing)} adapter weights are missing, e.g. {missing[0]!r}")
+    keep = {}
+    for k, p in params.items():
+        if k not in loaded:
+            continue
+        if loaded[k].shape != p.shape:
+            if ignore_mismatched_sizes:
+                continue
+            raise ValueError(f"{source}: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects {tuple(p.shape)}")
+        keep[k] = p
+    with torch.no_grad():
+        for k, p in keep.items():
+            p.copy_(loaded[k])
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+
+
+def save_weights(tensors: dict[str, torch.Tensor], directory: str | os.PathLike, safe_serialization: bool = True) -> None:
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), save_safetensors_bytes(data, metadata={"format": "pt"}))
+    if safe_serialization:
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), save_safetensors_bytes(data, metadata={"format": "pt"}))
+        return
+    buf = io.BytesIO()
+    torch.save(data, buf)  # writing a tensor dict is safe; it is reading pickles that is not (see read_weights)
+    atomic_write(os.path.join(directory, BIN_NAME), buf.getvalue())
 
 
-def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) from a safetensors file's header, without reading the tensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path} is not a valid safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a valid safetensors file (bad header: {e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a valid safetensors file (header is not a JSON object)")
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not (isinstance(v, dict) and isinstance(v.get("shape"), list) and all(isinstance(d, int) for d in v["shape"])):
+            raise ValueError(f"{path}: tensor {k!r} has a malformed header entry")
+        out[k] = (v.get("dtype"), tuple(v["shape"]))
+    return out
+
+
+def _safe_torch_load() -> bool:
+    # torch.load(weights_only=True) could still run code before torch 2.6 (CVE-2025-32434).
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
+def read_weights(directory: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Read adapter weights: safetensors, or a legacy .bin through torch.load(weights_only=True), never pickle."""
     st, binpath = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, BIN_NAME)
     if os.path.isfile(st):
         with open(st, "rb") as f:
             raw = f.read()
         try:
-            return load_safetensors_bytes(raw)
+            out = load_safetensors_bytes(raw)
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise ValueError(f"{st} is not a valid safetensors file (truncated or corrupt?): {e}") from e
-    if os.path.isfile(binpath):
+    elif os.path.isfile(binpath):
+        if not _safe_torch_load():
+            raise ValueError(f"{binpath}: reading .bin adapters needs torch>=2.6 (older weights_only loaders are unsafe)")
         try:
-            return torch.load(binpath, map_location="cpu", weights_only=True)
+            out = torch.load(binpath, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{binpath} could not be read as a weights-only torch file: {e}") from e
-    raise FileNotFoundError(f"no adapter weights in {directory}: expected {WEIGHTS_NAME}")
+        if not (isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values())):
+            raise ValueError(f"{binpath} does not hold a dict of tensors")
+    else:
+        raise FileNotFoundError(f"no adapter weights in {directory}: expected {WEIGHTS_NAME}")
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def copy_into(params: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: str) -> None:
-    """Check names and shapes of every key first, then copy: a bad file leaves the model untouched."""
-    missing = sorted(set(params) - set(loaded))
-    unexpected = sorted(set(loaded) - set(params))
-    if unexpected:
-        raise KeyError(
-            f"{source}: {len(unexpected)} keys match no adapter layer of this model, e.g. {unexpected[0]!r} "
-            "(an adapter for another architecture?)"
+def check_header(directory: str | os.PathLike, inner: nn.Module, config, ignore_mismatched_sizes: bool = False) -> None:
+    """Before anything is allocated: every tensor's shape in the file agrees with the config and the base model,
+    and the adapter the config describes is not far larger than the file (a config promising r=500000 on a 15 kB
+    file would otherwise allocate gigabytes)."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return  # a .bin is read whole and checked by shape when copied
+    shapes = {k: s for k, (_, s) in read_header(path).items()}
+    file_numel = sum(torch.Size(s).numel() for s in shapes.values())
+    if not isinstance(config, LoraConfig):
+        n, dim = config.num_virtual_tokens, inner.get_input_embeddings().embedding_dim
+        got = shapes.get("prompt_embeddings")
+        if got is not None and got != (n, dim):
+            raise ValueError(f"{path}: prompt_embeddings has shape {got}; the config and model give {(n, dim)}")
+        return
+    promised = 0
+    for target in resolve_targets(inner, config):
+        module = inner.get_submodule(target)
+        fan_in, fan_out, _ = _shape(module.base_layer if isinstance(module, LoraLayer) else module)
+        r = _pattern_value(target, config.rank_pattern, config.r)
+        promised += r * (fan_in + fan_out)
+        emb = isinstance(module.base_layer if isinstance(module, LoraLayer) else module, nn.Embedding)
+        keys = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        for key, want in zip(keys, ((r, fan_in), (fan_out, r))):
+            full = f"base_model.model.{target}.{key}"
+            got = shapes.get(full)
+            if got is not None and got != want and not ignore_mismatched_sizes:
+                raise ValueError(
+                    f"{path}: key {full!r} has shape {got}, the model expects {want} "
+                    f"(config r={r}, layer {fan_in} -> {fan_out})"
+                )
+    if promised > 2 * file_numel + (1 << 20) and not ignore_mismatched_sizes:
+        raise ValueError(
+            f"{path}: the config describes {promised:,} adapter weights but the file holds {file_numel:,}; "
+            "refusing to allocate an adapter the file cannot fill (wrong r or target_modules?)"
         )
-    if missing:
-        raise KeyError(f"{source}: {len(missing)} adapter weights are missing, e.g. {missing[0]!r}")
-    for k, p in params.items():
-        if loaded[k].shape != p.shape:
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects {tuple(p.shape)}")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(loaded[k])
+
+
+def head_shapes(directory: str | os.PathLike) -> list[tuple[int, ...]]:
+    """Shapes of the saved classification head's 2-D weights (classifier / score), in file order."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return []
+    return [s for k, (_, s) in read_header(path).items()
+            if re.search(r"\.(classifier|score)(\.[^.]+)*\.weight$", k) and len(s) == 2]
+
+
+# --- PiSSA / OLoRA as plain LoRA ---------------------------------------------------------------------------------
+
+
+def principal_config(config: LoraConfig) -> LoraConfig:
+    """The plain-LoRA config of a converted PiSSA/OLoRA adapter: rank 2r and the same scaling s."""
+    import dataclasses
+
+    grow = 2 ** 0.5 if config.use_rslora else 2  # s = alpha/r (or alpha/√r) is unchanged at rank 2r
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=grow * config.lora_alpha, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
+    )
+
+
+def _stack_principal(weights: dict[str, torch.Tensor], initial) -> dict[str, torch.Tensor]:
+    """A' = [A; A₀], B' = [B, -B₀]: W_res + s·B A = W + s·(B A - B₀ A₀) = W + s·B' A'."""
+    out = dict(weights)
+    for key, A in weights.items():
+        if key.endswith(".lora_A.weight"):
+            bkey = key[: -len("lora_A.weight")] + "lora_B.weight"
+            A0, B0 = initial(key[: -len(".lora_A.weight")], A.shape[0])
+            out[key] = torch.cat([A, A0.to(A.dtype)])
+            out[bkey] = torch.cat([weights[bkey], -B0.to(A.dtype)], dim=1)
+    return out
+
+
+def principal_weights(inner: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a PiSSA/OLoRA adapter file to plain LoRA against the unmodified base: A₀, B₀ are recomputed from it."""
+
+    def initial(key: str, r: int):
+        path = key.removeprefix("base_model.model.")
+        layer = inner.get_submodule(path)
+        alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha)
+        return layer.principal_factors(config.init_lora_weights, r, config.scaling(r, alpha))
+
+    return _stack_principal(weights, initial)
+
+
+def principal_to_lora(config, params: dict[str, torch.Tensor], initial_dir: str | os.PathLike):
+    """save_pretrained(path_initial_model_for_weight_conversion=...): the trained PiSSA/OLoRA adapter as plain LoRA,
+    using the untrained adapter saved at `initial_dir` for A₀, B₀. Returns (config, tensors)."""
+    if getattr(config, "init_lora_weights", None) not in ("pissa", "olora"):
+        raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; this one is "
+                         f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r}")
+    init = read_weights(initial_dir)
+
+    def initial(key: str, r: int):
+        return init[f"{key}.lora_A.weight"], init[f"{key}.lora_B.weight"]
+
+    return principal_config(config), _stack_principal(params, initial)
+
+
+def write_model_card(directory: str | os.PathLike, config) -> None:
+    """A README.md model card like PEFT's (Hub metadata up front); an existing README is never overwritten."""
+    path = os.path.join(directory, "README.md")
+    if os.path.exists(path):
+        return
+    base = config.base_model_name_or_path
+    tags = [f"base_model:adapter:{base}"] if base else []
+    tags += [config.peft_type.value.lower(), "smolpeft"]
+    meta = (f"base_model: {base}\n" if base else "") + "library_name: peft\ntags:\n" + "".join(f"- {t}\n" for t in tags)
+    body = (f"# {os.path.basename(os.path.abspath(directory))}\n\nA {config.peft_type.value} adapter"
+            f"{f' for `{base}`' if base else ''} in PEFT's format, saved by smolpeft. Load it with "
+            "`PeftModel.from_pretrained(base_model, path)` from smolpeft or peft.\n")
+    atomic_write(path, f"---\n{meta}---\n\n{body}".encode())

@@ -70,7 +70,7 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.lean = lean and _lean_ok(base) and not getattr(model, "prompt_embeddings", None)
+        self.lean = lean and _lean_ok(base) and not getattr(model, "prompt_encoder", None)
         self.chunk = chunk
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, outputs: bool = False):

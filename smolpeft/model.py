@@ -1,4 +1,8 @@
-"""PeftModel: a transformers model plus named adapters, with Hugging Face PEFT's API."""
+"""PeftModel: a transformers model plus named adapters, with Hugging Face PEFT's API and object graph.
+
+LoRA: `PeftModel.base_model` is the `LoraModel` tuner and `.base_model.model` the transformers model, as in PEFT.
+Prompt tuning: `base_model` is the transformers model itself and the virtual tokens live in `prompt_encoder`.
+"""
 
 from __future__ import annotations
 
@@ -8,154 +12,162 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import checkpoint, lora
-from .config import WEIGHTS_NAME, LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
-from .lora import BASE, AdapterState, LoraLayer, ModulesToSave, _discard
-from .prompt import init_prompt, prepend
+from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
+from .lora import BASE, AdapterState, LoraLayer
+from .prompt import PromptEmbedding, prepend
+from .tuner import CLS_HEADS, LoraModel
 
-_CLS_HEADS = ["classifier", "score"]  # PEFT trains the classification head with every SEQ_CLS adapter
+# Keyword arguments of from_pretrained/load_adapter that only choose where the files come from.
+_HUB_KWARGS = {"subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "use_auth_token"}
 
 
-def _resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None) -> str:
+def _resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub: Any) -> str:
     """A local adapter directory, or a Hub repo id downloaded (config and weights only) to the local cache."""
     path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
     if os.path.isdir(path) or os.path.exists(model_id) or str(model_id).count("/") != 1:
         return path
     from huggingface_hub import snapshot_download
 
+    hub = {k: v for k, v in hub.items() if v is not None and k != "use_auth_token"}
     try:
-        root = snapshot_download(str(model_id), allow_patterns=["*adapter_config.json", "*adapter_model.safetensors"])
+        root = snapshot_download(str(model_id), allow_patterns=["*adapter_config.json", "*adapter_model.safetensors"], **hub)
     except Exception as e:
         raise FileNotFoundError(f"adapter directory not found: {model_id} (not local, and the Hub said: {e})") from e
     return os.path.join(root, subfolder) if subfolder else root
 
 
-class PeftModel(nn.Module):
-    """Wraps a transformers model; adapters are injected in place and selected by name."""
+def _check_kwargs(where: str, kwargs: dict[str, Any], allowed: set[str]) -> None:
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        raise TypeError(f"{where}() got keyword arguments smolpeft does not support: {', '.join(bad)}")
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default"):
+
+class PeftModel(nn.Module):
+    """Wraps a transformers (or any torch) model; adapters are injected in place and selected by name."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ):
         super().__init__()
-        self.base_model = model
-        self.peft_config: dict[str, PeftConfig] = {}
-        self.prompt_embeddings = nn.ParameterDict()
-        self._state = AdapterState(active=adapter_name)
-        self._params: dict[str, list[torch.Tensor]] = {}  # each adapter's tensors, so switching never walks the model
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        self._setup(model, isinstance(peft_config, LoraConfig), adapter_name, autocast_adapter_dtype)
         self.add_adapter(adapter_name, peft_config)
+
+    def _setup(self, model: nn.Module, is_lora: bool, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """The empty wrapper: a LoraModel tuner for LoRA; for prompt tuning the model itself plus prompt encoders."""
+        self.special_peft_forward_args = {"adapter_names"}
+        if is_lora:
+            self.base_model = LoraModel(model, {}, adapter_name, autocast_adapter_dtype)
+            self.peft_config: dict[str, PeftConfig] = self.base_model.peft_config  # one registry, shared
+            self._state = self.base_model._state
+        else:
+            self.base_model = model
+            self.peft_config = {}
+            self._state = AdapterState(active=[adapter_name])
+            self.prompt_encoder = nn.ModuleDict()
+            self.word_embeddings = model.get_input_embeddings()
 
     # --- adapters ---------------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+    def _is_prompt(self) -> bool:
+        return not isinstance(self.base_model, LoraModel)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
+        kind = PromptTuningConfig if self._is_prompt() else LoraConfig
+        if not isinstance(peft_config, kind):
+            have = "PROMPT_TUNING" if self._is_prompt() else "LORA"
+            raise ValueError(f"cannot mix {peft_config.peft_type.value} with {have} adapters in one model")
+        if not self._is_prompt():
+            self.base_model.add_adapter(adapter_name, peft_config)
+            return
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         if adapter_name == BASE:
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches")
-        types = {c.peft_type for c in self.peft_config.values()}
-        if types and peft_config.peft_type not in types:
-            raise ValueError(f"cannot mix {peft_config.peft_type.value} with {types.pop().value} adapters in one model")
-        self.peft_config[adapter_name] = peft_config
-        try:
-            heads = list(peft_config.modules_to_save or []) if isinstance(peft_config, LoraConfig) else []
-            if peft_config.task_type == TaskType.SEQ_CLS.value:
-                heads += [h for h in _CLS_HEADS if h not in heads]
-            if heads:
-                lora.add_modules_to_save(self.base_model, heads, adapter_name, self._state)
-            if isinstance(peft_config, LoraConfig):
-                # Loading a PiSSA/OLoRA adapter re-runs its init, as PEFT does: the file holds A and B trained on top
-                # of the residual W - s·B₀A₀, which only the same decomposition of the same base can rebuild.
-                lora.inject(self.base_model, peft_config, adapter_name, self._state)
-            else:
-                self._add_prompt(adapter_name, peft_config)
-        except BaseException:
-            self._drop(adapter_name)
-            raise
-        if self._state.active is None or self._state.active not in self.peft_config:
-            self._state.active = adapter_name
-        self._params[adapter_name] = list(self._adapter_params(adapter_name).values())
-        self._mark_trainable(freeze_base=True)
-
-    def _add_prompt(self, name: str, config: PromptTuningConfig) -> None:
-        emb = self.base_model.get_input_embeddings()
-        if config.token_dim is not None and config.token_dim != emb.embedding_dim:
+        emb = self.word_embeddings
+        if peft_config.token_dim is not None and peft_config.token_dim != emb.embedding_dim:
             raise ValueError(
-                f"prompt adapter {name!r} has token_dim={config.token_dim}, the model's embeddings have {emb.embedding_dim}"
+                f"prompt adapter {adapter_name!r} has token_dim={peft_config.token_dim}, "
+                f"the model's embeddings have {emb.embedding_dim}"
             )
         mc = getattr(self.base_model, "config", None)
-        config.token_dim = emb.embedding_dim
-        config.num_transformer_submodules = 1
-        config.num_attention_heads = getattr(mc, "num_attention_heads", None)
-        config.num_layers = getattr(mc, "num_hidden_layers", None)
-        self.prompt_embeddings[name] = nn.Parameter(init_prompt(config, emb))
+        peft_config.token_dim = emb.embedding_dim
+        peft_config.num_transformer_submodules = 1
+        peft_config.num_attention_heads = getattr(mc, "num_attention_heads", None)
+        peft_config.num_layers = getattr(mc, "num_hidden_layers", None)
+        self.prompt_encoder[adapter_name] = PromptEmbedding(peft_config, emb)
+        self.peft_config[adapter_name] = peft_config
+        if peft_config.task_type == TaskType.SEQ_CLS.value:
+            lora.add_modules_to_save(self.base_model, CLS_HEADS, adapter_name, self._state)
+        if not any(a in self.peft_config for a in self._state.active):
+            self._state.active = [adapter_name]
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        self._mark_prompts()
 
-    def _drop(self, name: str) -> None:
-        self.peft_config.pop(name, None)
-        self._params.pop(name, None)
-        _discard(self.prompt_embeddings, name)
-        for _, m in self.base_model.named_modules():
-            if isinstance(m, LoraLayer):
-                m.delete(name)
-            elif isinstance(m, ModulesToSave):
-                _discard(m.modules_to_save, name)
-        lora.remove_wrappers(self.base_model, merged=False, only_empty=True)
+    def _mark_prompts(self) -> None:
+        for name, enc in self.prompt_encoder.items():
+            train = name in self._state.active and not self.peft_config[name].inference_mode
+            enc.requires_grad_(train)
+            for head in lora.modules_to_save_copies(self.base_model, name):
+                head.requires_grad_(train)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
-        for _, m in lora.lora_layers(self.base_model):
-            if adapter_name in m.merged_adapters:
-                m.unmerge()
-        self._drop(adapter_name)
-        if self._state.active == adapter_name:
-            self._state.active = next(iter(self.peft_config), None)
-        self._mark_trainable()
+        if not self._is_prompt():
+            self.base_model.delete_adapter(adapter_name)
+            return
+        del self.prompt_encoder[adapter_name], self.peft_config[adapter_name]
+        lora.delete_modules_to_save(self.base_model, adapter_name)
+        self._state.active = [a for a in self._state.active if a != adapter_name] or list(self.peft_config)[:1]
+        self._mark_prompts()
 
     def set_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
-        self._state.active = adapter_name
-        self._mark_trainable()
+        if self._is_prompt():
+            self._state.active = [adapter_name]
+            self._mark_prompts()
+        else:
+            self.base_model.set_adapter(adapter_name)
 
     def _check_known(self, name: str) -> None:
         if name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(self.peft_config) or '(none)'}")
 
-    def _adapter_params(self, name: str) -> dict[str, torch.Tensor]:
-        return checkpoint.adapter_params(self.base_model, name, self.prompt_embeddings[name] if name in self.prompt_embeddings else None)
-
-    def _mark_trainable(self, freeze_base: bool = False) -> None:
-        """Base frozen; only the active adapter trains, unless it was loaded for inference."""
-        if freeze_base:
-            for p in self.base_model.parameters():
-                p.requires_grad_(False)
-        for name, config in self.peft_config.items():
-            train = name == self._state.active and not config.inference_mode
-            for p in self._params.get(name, ()):
-                if p.requires_grad != train:
-                    p.requires_grad_(train)
-
     @property
-    def active_adapter(self) -> str | None:
-        return self._state.active
+    def active_adapter(self) -> str | list[str]:
+        a = self._state.active
+        return a[0] if len(a) == 1 else list(a)
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self._state.active] if self._state.active else []
+        return list(self._state.active)
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self._state.active[0]]
 
     @property
     def peft_type(self):
-        return self.peft_config[self._state.active].peft_type
-
-    def _is_prompt(self) -> bool:
-        return bool(self.prompt_embeddings)
+        return self.active_peft_config.peft_type
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside the block the model computes exactly the base model (merged weights are unmerged first)."""
-        if any(m.merged_adapters for _, m in lora.lora_layers(self.base_model)):
+        if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
             warnings.warn("disable_adapter() unmerges the merged adapters", stacklevel=3)
             self.unmerge_adapter()
         self._state.disabled = True
@@ -172,7 +184,7 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}, {BASE}")
-        if any(m.merged_adapters for _, m in lora.lora_layers(self.base_model)):
+        if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         self._state.row_adapters = list(adapter_names)
         try:
@@ -182,19 +194,29 @@ class PeftModel(nn.Module):
 
     # --- forward and generate ---------------------------------------------------------------------------------
 
+    def _prompt_on(self) -> bool:
+        return self._is_prompt() and not self._state.disabled
+
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The active adapter's virtual tokens, batch_size × n × d."""
+        return self.prompt_encoder[self._state.active[0]].embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        return self.prompt_encoder[adapter_name].embedding.weight.detach().cpu()
+
     def _prompts(self, batch_names: list[str] | None) -> torch.Tensor:
         if batch_names is None:
-            return self.prompt_embeddings[self._state.active]
-        if BASE in batch_names or len({self.prompt_embeddings[n].shape for n in batch_names}) > 1:
+            return self.prompt_encoder[self._state.active[0]].embedding.weight
+        if BASE in batch_names or len({self.prompt_encoder[n].embedding.weight.shape for n in batch_names}) > 1:
             raise ValueError("a mixed prompt-tuning batch needs adapters with equal num_virtual_tokens and no __base__")
-        return torch.stack([self.prompt_embeddings[n] for n in batch_names])
+        return torch.stack([self.prompt_encoder[n].embedding.weight for n in batch_names])
 
     def _prompt_inputs(self, input_ids, inputs_embeds, attention_mask, labels, kwargs, names):
         if inputs_embeds is None:
-            inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+            inputs_embeds = self.word_embeddings(input_ids)
         if kwargs.pop("position_ids", None) is not None:
             warnings.warn("position_ids are ignored with prompt tuning", stacklevel=3)
-        causal = self.peft_config[self._state.active].task_type != TaskType.SEQ_CLS.value
+        causal = self.active_peft_config.task_type != TaskType.SEQ_CLS.value
         embeds, mask, labels, types = prepend(
             self._prompts(names), inputs_embeds, attention_mask, labels, kwargs.pop("token_type_ids", None), causal
         )
@@ -202,20 +224,24 @@ class PeftModel(nn.Module):
             kwargs["token_type_ids"] = types
         return embeds, mask, labels
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, adapter_names=None, **kwargs):
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward, with the active adapters (or one adapter per row: `adapter_names`)."""
         with self._rows(adapter_names):
-            if self._is_prompt() and not self._state.disabled and self._state.active is not None:
-                inputs_embeds, attention_mask, labels = self._prompt_inputs(
-                    input_ids, inputs_embeds, attention_mask, labels, kwargs, adapter_names
-                )
-                input_ids = None
-            args = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
-            return self.base_model(**{k: v for k, v in args.items() if v is not None}, **kwargs)
+            if not self._prompt_on():
+                return self.base_model(*args, **kwargs)
+            if args:  # the first positional argument of a transformers model is input_ids
+                kwargs["input_ids"] = args[0]
+            inputs_embeds, mask, labels = self._prompt_inputs(
+                kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None),
+                kwargs.pop("labels", None), kwargs, adapter_names,
+            )
+            extra = {k: v for k, v in (("attention_mask", mask), ("labels", labels)) if v is not None}
+            return self.base_model(inputs_embeds=inputs_embeds, **extra, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._rows(adapter_names):
-            if not self._is_prompt() or self._state.disabled or self._state.active is None:
-                return self.base_model.generate(*args, **kwargs)
+            if not self._prompt_on():
+                return self.get_base_model().generate(*args, **kwargs)
             input_ids = kwargs.pop("input_ids", args[0] if args else None)
             embeds, mask, _ = self._prompt_inputs(input_ids, None, kwargs.pop("attention_mask", None), None, kwargs, adapter_names)
             if mask is None:
@@ -230,131 +256,136 @@ class PeftModel(nn.Module):
             out.sequences = seqs
             return out
 
-    # --- merging ----------------------------------------------------------------------------------------------
+    # --- merging (LoRA) ---------------------------------------------------------------------------------------
 
-    def _lora_only(self, what: str) -> None:
+    def _lora(self, what: str) -> LoraModel:
         if self._is_prompt():
             raise ValueError(f"{what} applies to LoRA adapters; prompt tuning has no weights to merge")
+        return self.base_model
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights: W += s·B A. Forward then costs exactly the base model."""
-        self._lora_only("merge_adapter")
-        for name in adapter_names or self.active_adapters:
-            self._check_known(name)
-            for _, m in lora.lora_layers(self.base_model):
-                m.merge(name, safe=safe_merge)
+        self._lora("merge_adapter").merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        for _, m in lora.lora_layers(self.base_model):
-            m.unmerge()
+        self._lora("unmerge_adapter").unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge and return the plain transformers model, with no adapter modules left in it."""
-        self._lora_only("merge_and_unload")
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        lora.remove_wrappers(self.base_model, merged=True)
-        return self.base_model
+        return self._lora("merge_and_unload").merge_and_unload(progressbar, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the original transformers model."""
-        lora.remove_wrappers(self.base_model, merged=False)
-        return self.base_model
+        return self._lora("unload").unload()
 
-    def add_weighted_adapter(
-        self,
-        adapters: list[str],
-        weights: list[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-        svd_clamp: float | None = None,
-        svd_full_matrices: bool = True,
-    ) -> None:
-        """A new adapter ΔW ≈ Σ wᵢ ΔWᵢ. linear: mixes A and B (same r, approximate); cat: stacks them (exact,
-        r = Σ rᵢ); svd: truncated SVD of the exact sum (r = svd_rank or max rᵢ)."""
-        self._lora_only("add_weighted_adapter")
-        for a in adapters:
-            self._check_known(a)
-        if len(adapters) != len(weights):
-            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
-        configs = [self.peft_config[a] for a in adapters]
-        ranks = [c.r for c in configs]
-        if any(c.rank_pattern or c.alpha_pattern for c in configs):
-            raise ValueError("add_weighted_adapter does not combine adapters with rank_pattern/alpha_pattern")
-        if combination_type == "linear":
-            if len(set(ranks)) > 1:
-                raise ValueError(f"combination_type='linear' needs adapters of equal r, found {ranks}; use 'cat' or 'svd'")
-            new_r = ranks[0]
-        elif combination_type == "cat":
-            new_r = sum(ranks)
-        elif combination_type == "svd":
-            new_r = svd_rank or max(ranks)
-        else:
-            raise ValueError(f"combination_type={combination_type!r}; expected 'linear', 'cat' or 'svd'")
-        targets = [c.target_modules for c in configs]
-        if all(isinstance(t, str) for t in targets):
-            new_targets = "|".join(f"({t})" for t in targets)
-        elif any(isinstance(t, str) for t in targets):
-            raise ValueError("cannot combine adapters whose target_modules mix a regex and a list")
-        else:
-            new_targets = sorted(set().union(*targets))
-        cfg = dataclasses.replace(
-            configs[0], r=new_r, lora_alpha=new_r, target_modules=new_targets, rank_pattern={}, alpha_pattern={},
-            init_lora_weights=True, inference_mode=False,
-        )
-        self.add_adapter(adapter_name, cfg)
-        with torch.no_grad():
-            for _, m in lora.lora_layers(self.base_model):
-                if adapter_name in m.lora_A:
-                    A, B = _combine(m, adapters, weights, combination_type, new_r, svd_clamp, svd_full_matrices)
-                    m.lora_A[adapter_name].data = A.to(m.lora_A[adapter_name].dtype).contiguous()
-                    m.lora_B[adapter_name].data = B.to(m.lora_B[adapter_name].dtype).contiguous()
-            for _, m in self.base_model.named_modules():  # the new adapter's heads start from the first adapter's
-                if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save and adapters[0] in m.modules_to_save:
-                    m.modules_to_save[adapter_name].load_state_dict(m.modules_to_save[adapters[0]].state_dict())
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs) -> None:
+        self._lora("add_weighted_adapter").add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
 
     # --- saving and loading -----------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_ignored) -> None:
-        """PEFT layout: adapter "default" at the root, any other adapter in a subfolder named after it."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """PEFT layout: adapter "default" at the root, any other adapter in a subfolder named after it, plus a
+        README.md model card (written only where none exists)."""
+        _check_kwargs("save_pretrained", kwargs, set())
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file, not a directory")
-        for name in selected_adapters or list(self.peft_config):
+        if save_embedding_layers not in (True, False, "auto"):
+            raise ValueError(f"save_embedding_layers={save_embedding_layers!r}; expected True, False or 'auto'")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
             self._check_known(name)
+        if not is_main_process:
+            return
+        for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
-            params = self._adapter_params(name) | checkpoint.embedding_base_params(self.base_model, self.peft_config[name])
-            checkpoint.save_weights(params, out)
-            dataclasses.replace(self.peft_config[name], inference_mode=True).save_pretrained(out)
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)
+            params = checkpoint.get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            if path_initial_model_for_weight_conversion is not None:
+                config, params = checkpoint.principal_to_lora(config, params, path_initial_model_for_weight_conversion)
+            checkpoint.save_weights(params, out, safe_serialization)
+            config.save_pretrained(out)
+            checkpoint.write_model_card(out, config)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload adapter", **save_kwargs: Any) -> Any:
+        """Upload the adapter files only (never the base model's weights) to a Hub repository."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **save_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, subfolder: str | None = None
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Load a PEFT-format adapter; any problem with the files raises and leaves the model as it was."""
-        path = _resolve_dir(model_id, subfolder)
+        """Load a PEFT-format adapter; any problem with the files raises and leaves the model as it was.
+
+        The file's shapes are checked against its config and this model from the safetensors header before any
+        adapter memory is allocated. PiSSA/OLoRA adapters become plain LoRA deltas (rank 2r), so loading one
+        never rewrites the base weights that other adapters and the base itself compute with."""
+        _check_kwargs("load_adapter", kwargs, _HUB_KWARGS | {"ignore_mismatched_sizes", "torch_dtype", "device_map"})
+        if ephemeral_gpu_offload or key_mapping:
+            raise ValueError("ephemeral_gpu_offload and key_mapping are not supported by smolpeft")
+        _check_device_map(kwargs.pop("device_map", None))
+        ignore_sizes, dtype = kwargs.pop("ignore_mismatched_sizes", False), kwargs.pop("torch_dtype", None)
+        path = _resolve_dir(model_id, **kwargs)
         config = load_config(path)
-        weights = checkpoint.read_weights(path)
+        self._load(path, config, adapter_name, is_trainable, torch_device, ignore_sizes, dtype, autocast_adapter_dtype)
+
+    def _load(self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        checkpoint.check_header(path, self.get_base_model(), config, ignore_sizes)
+        weights = checkpoint.read_weights(path, device=device)
         config.inference_mode = not is_trainable
+        original = config
+        if getattr(config, "init_lora_weights", None) in ("pissa", "olora"):
+            config = checkpoint.principal_config(config)
+        if not self._is_prompt():
+            self.base_model._autocast = autocast
         self.add_adapter(adapter_name, config)
         try:
-            self._copy_in(adapter_name, weights, path)
+            if config is not original:
+                weights = checkpoint.principal_weights(self.get_base_model(), original, weights)
+            source = os.path.join(path, checkpoint.WEIGHTS_NAME)
+            checkpoint.load_adapter_weights(self, weights, adapter_name, source, ignore_sizes)
         except BaseException:
-            self._restore_principal(adapter_name)
             self.delete_adapter(adapter_name)
             raise
+        if dtype is not None:
+            for p in self._adapter_tensors(adapter_name):
+                p.data = p.data.to(dtype)
+        if not is_trainable:
+            self.eval()  # as PEFT: loaded for inference, so dropout is off
 
-    def _restore_principal(self, name: str) -> None:
-        """Undo a PiSSA/OLoRA init (W_res + s·B₀A₀ = W) when its adapter failed to load; A, B are still B₀, A₀."""
-        if getattr(self.peft_config.get(name), "init_lora_weights", True) in ("pissa", "olora"):
-            self.merge_adapter([name])
-            for _, m in lora.lora_layers(self.base_model):
-                m.merged_adapters.clear()
-
-    def _copy_in(self, name: str, weights: dict[str, torch.Tensor], path: str) -> None:
-        params = self._adapter_params(name)
-        embeds = checkpoint.embedding_base_params(self.base_model, self.peft_config[name])
-        params |= {k: v for k, v in embeds.items() if k in weights}  # optional: PEFT reads them only if present
-        checkpoint.copy_into(params, weights, os.path.join(path, WEIGHTS_NAME))
+    def _adapter_tensors(self, name: str) -> list[torch.Tensor]:
+        if self._is_prompt():
+            heads = lora.modules_to_save_copies(self.base_model, name)
+            return [*self.prompt_encoder[name].parameters(), *(p for h in heads for p in h.parameters())]
+        return self.base_model.adapter_parameters(name)
 
     @classmethod
     def from_pretrained(
@@ -364,21 +395,34 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
-        subfolder: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> PeftModel:
-        path = _resolve_dir(model_id, subfolder)
+        """Wrap `model` and load an adapter into it; the class follows the adapter's task_type, as in PEFT."""
+        allowed = _HUB_KWARGS | {"ignore_mismatched_sizes", "torch_dtype", "device_map", "torch_device"}
+        _check_kwargs("from_pretrained", kwargs, allowed)
+        if ephemeral_gpu_offload or key_mapping:
+            raise ValueError("ephemeral_gpu_offload and key_mapping are not supported by smolpeft")
+        _check_device_map(kwargs.pop("device_map", None))
+        device, ignore_sizes = kwargs.pop("torch_device", None), kwargs.pop("ignore_mismatched_sizes", False)
+        dtype = kwargs.pop("torch_dtype", None)
+        path = _resolve_dir(model_id, **kwargs)
         config = config or load_config(path)
-        weights = checkpoint.read_weights(path)
-        config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
+        if cls is PeftModel:
+            cls = _TASK_CLASSES.get(config.task_type, PeftModel)
+        # The wrapper starts empty (no throwaway adapter is built): _load injects the real one.
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model._setup(model, isinstance(config, LoraConfig), adapter_name, autocast_adapter_dtype)
         try:
-            peft_model._copy_in(adapter_name, weights, path)
+            peft_model._load(path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast_adapter_dtype)
         except BaseException:
-            peft_model._restore_principal(adapter_name)
-            peft_model.unload()
+            if not peft_model._is_prompt():
+                peft_model.base_model.unload()
             raise
-        if not is_trainable:
-            peft_model.eval()
         return peft_model
 
     # --- counting and pass-through ----------------------------------------------------------------------------
@@ -398,53 +442,80 @@ class PeftModel(nn.Module):
         print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}")
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        return self.base_model if self._is_prompt() else self.base_model.model
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         # Reentrant checkpointing only back-propagates into blocks whose input requires grad; the embeddings are frozen.
-        self.base_model.enable_input_require_grads()
+        self.get_base_model().enable_input_require_grads()
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_state", "_params", "peft_config", "prompt_embeddings"):
+            if name in ("base_model", "_state", "peft_config", "prompt_encoder", "word_embeddings"):
                 raise
             return getattr(self.base_model, name)
 
 
-def _combine(m: LoraLayer, adapters, weights, kind, new_r, clamp, full_matrices) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (new_r×in) and B (out×new_r) of one layer for add_weighted_adapter; PEFT's formulas, for equal numbers."""
-    present = [(a, w) for a, w in zip(adapters, weights) if a in m.lora_A]
-    A0, B0 = m.lora_A[present[0][0]], m.lora_B[present[0][0]]
-    if kind == "linear":  # sqrt(w·s) on each factor, the sign on A
-        ws = [(w * m.scaling[a], a) for a, w in present]
-        A = sum((abs(x) ** 0.5 * (1 if x >= 0 else -1)) * m.lora_A[a] for x, a in ws)
-        B = sum(abs(x) ** 0.5 * m.lora_B[a] for x, a in ws)
-        return A, B
-    if kind == "cat":
-        A = torch.cat([w * m.scaling[a] * m.lora_A[a] for a, w in present])
-        B = torch.cat([m.lora_B[a] for a, _ in present], dim=1)
-        pad = new_r - A.shape[0]  # layers missing some adapters leave the tail of the rank at zero
-        return torch.cat([A, A0.new_zeros(pad, A.shape[1])]), torch.cat([B, B0.new_zeros(B.shape[0], pad)], dim=1)
-    delta = sum(w * (m.lora_B[a] @ m.lora_A[a]) * m.scaling[a] for a, w in present)  # out×in
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=full_matrices)
-    B, A = U[:, :new_r] @ torch.diag(S[:new_r]), Vh[:new_r]
-    if clamp is not None:
-        hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
-        B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
-    return A, B
+def _check_device_map(device_map: Any) -> None:
+    """One device for the whole adapter is supported; offloading maps are not."""
+    if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+        raise ValueError("device_map spreading an adapter over several devices is not supported by smolpeft")
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Inject a fresh adapter into `model` (in place) and return the wrapping PeftModel."""
-    return PeftModel(model, copy.copy(peft_config), adapter_name)
+def _named_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                   output_hidden_states=None, return_dict=None, task_ids=None, adapter_names=None, **kwargs):
+    """PeftModel.forward with transformers' argument names spelled out, so Trainer keeps those dataset columns."""
+    if task_ids is not None:
+        raise ValueError("task_ids are for multitask prompt tuning, which smolpeft does not do")
+    args = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict)
+    return PeftModel.forward(self, adapter_names=adapter_names, **{k: v for k, v in args.items() if v is not None}, **kwargs)
 
 
-PeftModelForCausalLM = PeftModel
-PeftModelForSequenceClassification = PeftModel
-PeftModelForFeatureExtraction = PeftModel
+class PeftModelForCausalLM(PeftModel):
+    """A causal LM with adapters."""
+
+    forward = _named_forward
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A classifier with adapters; its head (`classifier` / `score`) is trained and saved with each adapter."""
+
+    forward = _named_forward
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """An encoder with adapters."""
+
+    forward = _named_forward
+
+
+_TASK_CLASSES = {
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Inject a fresh adapter into `model` (in place) and return the wrapping PeftModel (of the config's task)."""
+    if mixed:
+        raise ValueError("mixed=True (PeftMixedModel) is not supported by smolpeft")
+    peft_config = copy.copy(peft_config)
+    if revision is not None:
+        peft_config.revision = revision
+    cls = _TASK_CLASSES.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
 
 class _AutoPeftModel:
@@ -460,9 +531,9 @@ class _AutoPeftModel:
         if not config.base_model_name_or_path:
             raise ValueError(f"{path}/adapter_config.json has no base_model_name_or_path; load the base yourself")
         if cls._auto_name == "AutoModelForSequenceClassification" and "num_labels" not in kwargs:
-            for k, v in checkpoint.read_weights(path).items():
-                if k.endswith(("classifier.modules_to_save.weight", "score.modules_to_save.weight")):
-                    kwargs["num_labels"] = v.shape[0]  # the trained head says how many labels there are
+            heads = checkpoint.head_shapes(path)
+            if heads:
+                kwargs["num_labels"] = heads[-1][0]  # the trained head's last layer says how many labels there are
         base = getattr(transformers, cls._auto_name).from_pretrained(config.base_model_name_or_path, **kwargs)
         return PeftModel.from_pretrained(base, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config)
 

@@ -29,6 +29,19 @@ def init_prompt(config: PromptTuningConfig, word_embeddings: nn.Embedding) -> to
     return random
 
 
+class PromptEmbedding(nn.Module):
+    """An adapter's virtual tokens, as PEFT holds them: `embedding` is an n×d nn.Embedding (its weight is what the
+    file calls `prompt_embeddings`)."""
+
+    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        w = init_prompt(config, word_embeddings)
+        self.embedding = nn.Embedding(w.shape[0], w.shape[1], _weight=w, device=w.device, dtype=w.dtype)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.embedding(indices)
+
+
 def prepend(
     prompts: torch.Tensor,
     inputs_embeds: torch.Tensor,

@@ -41,43 +41,64 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
     return model
 
 
-def dequantize_weight(layer: nn.Module) -> torch.Tensor:
-    """The dense weight of a bitsandbytes Linear4bit."""
-    import bitsandbytes.functional as F
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit or Linear8bitLt (bitsandbytes is imported lazily, only where installed)."""
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of a layer as a dense float tensor: dequantized for bitsandbytes 4-bit and 8-bit layers."""
     w = layer.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks weights for its CPU kernel on the first no-grad forward; undo it, as its
-        # own state_dict() does, or dequantize_4bit reads the bytes in the wrong order.
-        w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-    return F.dequantize_4bit(w.data, w.quant_state)
+    if type(w).__name__ == "Params4bit":
+        import bitsandbytes.functional as F
+
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks weights for its CPU kernel on the first no-grad forward; undo it, as its
+            # own state_dict() does, or dequantize_4bit reads the bytes in the wrong order.
+            w.data, w.quant_state = F._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        return F.dequantize_4bit(w.data, w.quant_state)
+    if type(w).__name__ == "Int8Params":
+        import bitsandbytes.functional as F
+
+        scale = layer.state.SCB if layer.state.SCB is not None else w.SCB  # row-wise absmax scales
+        return F.int8_vectorwise_dequant(w.data, scale.to(w.device))
+    return w.data
 
 
-def merge_4bit(layer: nn.Module, delta: torch.Tensor) -> None:
-    """W ← NF4(dequantize(W) + ΔW). Re-quantizing adds rounding error; merging into a float copy does not."""
+def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
+    """Store `dense` as the layer's weight, re-quantized for 4-bit and 8-bit layers (which adds rounding error)."""
     import bitsandbytes as bnb
 
-    warnings.warn("merging into a 4-bit layer re-quantizes it: outputs shift by the NF4 rounding error; "
-                  "dequantize() first for an exact merge", stacklevel=4)
     old = layer.weight
-    dense = dequantize_weight(layer).float() + delta.float()
-    new = bnb.nn.Params4bit(dense.to(torch.float32).cpu(), requires_grad=False, quant_type=old.quant_state.quant_type,
-                            compress_statistics=old.compress_statistics, blocksize=old.blocksize, module=layer)
+    dense = dense.detach().float().cpu()
+    if type(old).__name__ == "Params4bit":
+        warnings.warn("merging into a 4-bit layer re-quantizes it: outputs shift by the NF4 rounding error; "
+                      "dequantize() first for an exact merge", stacklevel=4)
+        new = bnb.nn.Params4bit(dense, requires_grad=False, quant_type=old.quant_state.quant_type,
+                                compress_statistics=old.compress_statistics, blocksize=old.blocksize, module=layer)
+    elif type(old).__name__ == "Int8Params":
+        warnings.warn("merging into an 8-bit layer re-quantizes it: outputs shift by the int8 rounding error",
+                      stacklevel=4)
+        new = bnb.nn.Int8Params(dense.to(torch.float16), requires_grad=False, has_fp16_weights=old.has_fp16_weights)
+        layer.state.reset_grads()
+        layer.state.SCB = None
+    else:
+        raise TypeError(f"{type(layer).__name__} is not a bitsandbytes quantized layer")
     layer.weight = new.to(old.device)
+    if type(old).__name__ == "Int8Params":
+        layer.state.SCB = layer.weight.SCB
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every Linear4bit (also inside LoRA wrappers) by an nn.Linear with its dequantized weight, in place."""
-    from .lora import _is_4bit, _replace
-
     for path, m in list(model.named_modules()):
-        if _is_4bit(m):
+        if type(m).__name__ == "Linear4bit":
             dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=dtype)
             with torch.no_grad():
-                dense.weight.copy_(dequantize_weight(m).to(dtype))
+                dense.weight.copy_(dense_weight(m).to(dtype))
                 if m.bias is not None:
                     dense.bias.copy_(m.bias.to(dtype))
-            _replace(model, path, dense)
+            model.set_submodule(path, dense)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype and not getattr(p, "requires_grad", False):
             p.data = p.data.to(dtype)

@@ -23,7 +23,7 @@ def test_linear_forward_is_base_plus_scaled_low_rank(rslora):
     layer = _layer(base, rslora=rslora)
     x = torch.randn(5, 16)
     s = 8 / (4**0.5 if rslora else 4)
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    A, B = layer.factors("default")
     torch.testing.assert_close(layer(x), base(x) + s * x @ A.T @ B.T, atol=1e-6, rtol=0)
 
 
@@ -32,13 +32,13 @@ def test_conv1d_and_embedding_use_transposed_weights():
     conv = Conv1D(12, 16)  # GPT-2 style: weight is in×out
     layer = _layer(conv)
     x = torch.randn(2, 3, 16)
-    merged = x @ (conv.weight + layer.delta_weight("default")) + conv.bias
+    merged = x @ (conv.weight + layer.get_delta_weight("default")) + conv.bias
     torch.testing.assert_close(layer(x), merged, atol=1e-5, rtol=0)
 
     emb = nn.Embedding(20, 8)
     layer = _layer(emb)
     ids = torch.randint(0, 20, (2, 5))
-    torch.testing.assert_close(layer(ids), nn.functional.embedding(ids, emb.weight + layer.delta_weight("default")))
+    torch.testing.assert_close(layer(ids), nn.functional.embedding(ids, emb.weight + layer.get_delta_weight("default")))
 
 
 def test_default_init_leaves_outputs_unchanged():
@@ -46,7 +46,7 @@ def test_default_init_leaves_outputs_unchanged():
     for base, x in [(nn.Linear(16, 12), torch.randn(4, 16)), (nn.Embedding(20, 8), torch.randint(0, 20, (3, 4)))]:
         layer = _layer(base, init=True)
         assert torch.equal(layer(x), base(x))
-        zero = layer.lora_A["default"] if isinstance(base, nn.Embedding) else layer.lora_B["default"]
+        zero = layer.factors("default")[0 if isinstance(base, nn.Embedding) else 1]
         assert torch.count_nonzero(zero) == 0
 
 
@@ -59,7 +59,7 @@ def test_merge_is_idempotent_and_unmerge_restores():
     y = layer(x)
     layer.merge("default")
     layer.merge("default")  # second merge is a no-op
-    torch.testing.assert_close(base.weight, w0 + layer.delta_weight("default"))
+    torch.testing.assert_close(base.weight, w0 + layer.get_delta_weight("default"))
     torch.testing.assert_close(layer(x), y, atol=1e-6, rtol=0)
     layer.unmerge()
     torch.testing.assert_close(base.weight, w0, atol=1e-7, rtol=0)
@@ -72,8 +72,8 @@ def test_principal_inits_keep_the_function(init):
     ref = model(x).logits
     pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, init_lora_weights=init))
     torch.testing.assert_close(pm(input_ids=x).logits, ref, atol=1e-4, rtol=0)
-    layer = pm.base_model.model.layers[0].self_attn.q_proj
-    assert torch.count_nonzero(layer.lora_B["default"]) > 0  # not a zero adapter: it carries W's top directions
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.count_nonzero(layer.lora_B["default"].weight) > 0  # not a zero adapter: it carries W's top directions
 
 
 def test_target_resolution_rules():
@@ -93,7 +93,7 @@ def test_target_resolution_rules():
 
 def test_rank_and_alpha_patterns():
     pm = get_peft_model(tiny.llama(), LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}))
-    attn0, attn1 = pm.base_model.model.layers[0].self_attn, pm.base_model.model.layers[1].self_attn
+    attn0, attn1 = pm.base_model.model.model.layers[0].self_attn, pm.base_model.model.model.layers[1].self_attn
     assert attn0.v_proj.r["default"] == 2 and attn0.q_proj.r["default"] == 4
     assert attn1.q_proj.scaling["default"] == 0.5 and attn0.q_proj.scaling["default"] == 2
 

@@ -32,11 +32,11 @@ def test_causal_lm_matches_peft(init, tok_dir, tmp_path):
     torch.manual_seed(7)
     theirs = peft.get_peft_model(make(), _config(peft, init, "CAUSAL_LM", tok_dir))
     # same seed, same initial prompt
-    assert torch.equal(ours.prompt_embeddings["default"], theirs.get_prompt_embedding_to_save("default"))
+    assert torch.equal(ours.prompt_encoder["default"].embedding.weight, theirs.get_prompt_embedding_to_save("default"))
     if init == "TEXT":
         tok = tiny.tokenizer(tmp_path / "t")
         first = tok("classify the weather today")["input_ids"][0]
-        assert torch.equal(ours.prompt_embeddings["default"][0], make().get_input_embeddings().weight[first])
+        assert torch.equal(ours.prompt_encoder["default"].embedding.weight[0], make().get_input_embeddings().weight[first])
 
     x = tiny.ids(vocab=300)
     mask = torch.ones_like(x)
@@ -65,7 +65,7 @@ def test_causal_lm_matches_peft(init, tok_dir, tmp_path):
         torch.testing.assert_close(loaded(input_ids=x, attention_mask=mask).logits, a.logits, atol=1e-5, rtol=0)
     theirs.save_pretrained(tmp_path / "theirs")
     back = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs")
-    assert torch.equal(back.prompt_embeddings["default"], ours.prompt_embeddings["default"])
+    assert torch.equal(back.prompt_encoder["default"].embedding.weight, ours.prompt_encoder["default"].embedding.weight)
     assert (tmp_path / "ours/adapter_model.safetensors").read_bytes() == (tmp_path / "theirs/adapter_model.safetensors").read_bytes()
 
 
@@ -84,7 +84,7 @@ def test_sequence_classification_matches_peft(tmp_path):
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_embeddings.default", "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
+    assert trainable == {"prompt_encoder.default.embedding.weight", "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
 
 
 def test_prompt_training_changes_only_the_prompt():

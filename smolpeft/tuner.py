@@ -1,0 +1,265 @@
+"""LoraModel: a transformers model with LoRA adapters injected, and the operations on them (PEFT's `base_model`).
+
+In PEFT's object graph `PeftModel.base_model` is this tuner and `PeftModel.base_model.model` the transformers model,
+so parameter names read `base_model.model.<path>.lora_A.<adapter>.weight`. Every LoRA layer of the model reads one
+shared `AdapterState`, so switching, disabling and mixed batches never walk the layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import lora
+from .config import LoraConfig, TaskType
+from .lora import AdapterState, LoraLayer, ModulesToSave
+
+CLS_HEADS = ["classifier", "score"]  # PEFT trains the classification head with every SEQ_CLS adapter
+
+
+class LoraModel(nn.Module):
+    """Adds, switches, merges and removes named LoRA adapters on `model` (modified in place)."""
+
+    prefix = "lora_"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig | dict[str, LoraConfig],
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,  # accepted for PEFT's signature: adapters are small, built directly
+    ):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.targeted_module_names: list[str] = []
+        self._state = AdapterState(active=[adapter_name])
+        self._autocast = autocast_adapter_dtype
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        for name, config in configs.items():
+            self.add_adapter(name, config)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not built yet (copy, unpickling): don't recurse
+                raise
+            return getattr(self.model, name)
+
+    # --- adapters ---------------------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject adapter `adapter_name`; a failure leaves the model as it was."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        if adapter_name == lora.BASE:
+            raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
+        self.peft_config[adapter_name] = config
+        try:
+            heads = list(config.modules_to_save or [])
+            if config.task_type == TaskType.SEQ_CLS.value:
+                heads += [h for h in CLS_HEADS if h not in heads]
+            if heads:
+                lora.add_modules_to_save(self.model, heads, adapter_name, self._state)
+            targets = lora.inject(self.model, config, adapter_name, self._state, fp32=self._autocast)
+        except BaseException:
+            self._drop(adapter_name)
+            raise
+        self.targeted_module_names = sorted(set(self.targeted_module_names) | set(targets))
+        if not any(a in self.peft_config for a in self._state.active):
+            self._state.active = [adapter_name]
+        self._mark_trainable(freeze_base=True)
+
+    def _drop(self, name: str) -> None:
+        self.peft_config.pop(name, None)
+        for _, m in lora.lora_layers(self.model):
+            m.delete(name)
+        lora.delete_modules_to_save(self.model, name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        merged = sorted({n for _, m in lora.lora_layers(self.model) for n in m.merged_adapters} & {adapter_name})
+        if merged:
+            raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged; call unmerge_adapter() first")
+        self._drop(adapter_name)
+        active = [a for a in self._state.active if a != adapter_name]
+        self._state.active = active or list(self.peft_config)[:1]
+        self._mark_trainable()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make these adapters active (several: their deltas add up); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            self._check_known(n)
+        self._state.active = names
+        self._mark_trainable()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._state.active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        a = self._state.active
+        return a[0] if len(a) == 1 else list(a)
+
+    def disable_adapter_layers(self) -> None:
+        self._state.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        self._state.disabled = False
+
+    def _check_known(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(self.peft_config) or '(none)'}")
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""
+        out = [t for _, m in lora.lora_layers(self.model) if name in m.r for t in m.factors(name)]
+        return out + [p for head in lora.modules_to_save_copies(self.model, name) for p in head.parameters()]
+
+    def _mark_trainable(self, freeze_base: bool = False) -> None:
+        """Base frozen; only the active adapters train, unless they were loaded for inference."""
+        if freeze_base:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        for name, config in self.peft_config.items():
+            train = name in self._state.active and not config.inference_mode
+            for p in self.adapter_parameters(name):
+                if p.requires_grad != train:
+                    p.requires_grad_(train)
+
+    # --- merging ----------------------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights: W += s·B A. Forward then costs exactly the base model."""
+        layers = lora.lora_layers(self.model)
+        for name in adapter_names or self.active_adapters:
+            self._check_known(name)
+            if any(name in m.merged_adapters for _, m in layers):
+                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
+                continue
+            for _, m in layers:
+                m.merge(name, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, m in lora.lora_layers(self.model):
+            m.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge and return the plain transformers model, with no adapter modules left in it."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        lora.remove_wrappers(self.model, merged=True)
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging and return the original transformers model."""
+        lora.remove_wrappers(self.model, merged=False)
+        return self.model
+
+    # --- combining --------------------------------------------------------------------------------------------
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """A new adapter ΔW ≈ Σ wᵢ ΔWᵢ. linear: mixes A and B (same r, approximate); cat: stacks them (exact,
+        r = Σ rᵢ); svd: truncated SVD of the exact sum (r = svd_rank or max rᵢ)."""
+        for a in adapters:
+            self._check_known(a)
+        if len(adapters) != len(weights):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        if combination_type not in ("linear", "cat", "svd"):
+            raise ValueError(
+                f"combination_type={combination_type!r} is not supported by smolpeft; use 'linear', 'cat' or 'svd' "
+                "(ties, dare_* and magnitude_prune are PEFT-only)"
+            )
+        if len(adapters) == 1:
+            combination_type = "linear"  # as PEFT: one adapter is only rescaled
+        if density is not None:
+            raise ValueError(f"density={density!r} applies to ties/dare/magnitude_prune, which smolpeft does not do")
+        configs = [self.peft_config[a] for a in adapters]
+        shared = [p for p, m in self.model.named_modules()
+                  if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1]
+        if shared:
+            raise ValueError(
+                f"Cannot add weighted adapters if they target the same module with modules_to_save: {shared} "
+                "(trained copies of a whole module cannot be combined)"
+            )
+        ranks = [c.r for c in configs]
+        if any(c.rank_pattern or c.alpha_pattern for c in configs) and combination_type == "linear":
+            raise ValueError("combination_type='linear' needs equal ranks everywhere; adapters have rank_pattern")
+        if combination_type == "linear":
+            if len(set(ranks)) > 1:
+                raise ValueError(f"combination_type='linear' needs adapters of equal r, found {ranks}; use 'cat' or 'svd'")
+            new_r = ranks[0]
+        elif combination_type == "cat":
+            new_r = sum(max([c.r, *c.rank_pattern.values()]) for c in configs)
+        else:
+            new_r = svd_rank or max(max([c.r, *c.rank_pattern.values()]) for c in configs)
+        targets = [c.target_modules for c in configs]
+        if all(isinstance(t, str) for t in targets):
+            new_targets = "|".join(f"({t})" for t in targets)
+        elif any(isinstance(t, str) for t in targets):
+            raise ValueError("cannot combine adapters whose target_modules mix a regex and a list")
+        else:
+            new_targets = sorted(set().union(*targets))
+        cfg = dataclasses.replace(
+            configs[0], r=new_r, lora_alpha=new_r, target_modules=new_targets, rank_pattern={}, alpha_pattern={},
+            init_lora_weights=True, inference_mode=False, use_rslora=False,
+        )
+        self.add_adapter(adapter_name, cfg)
+        with torch.no_grad():
+            for _, m in lora.lora_layers(self.model):
+                if adapter_name in m.r:
+                    A, B = _combine(m, adapters, weights, combination_type, new_r, svd_clamp, svd_full_matrices, svd_driver)
+                    newA, newB = m.factors(adapter_name)
+                    newA.data, newB.data = A.to(newA.dtype).contiguous(), B.to(newB.dtype).contiguous()
+            for _, m in self.model.named_modules():  # a head trained by one of the adapters comes along
+                if isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save:
+                    src = next((a for a in adapters if a in m.modules_to_save), None)
+                    if src is not None:
+                        m.modules_to_save[adapter_name].load_state_dict(m.modules_to_save[src].state_dict())
+
+
+def _combine(m: LoraLayer, adapters, weights, kind, new_r, clamp, full_matrices, driver) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (new_r×in) and B (out×new_r) of one layer for add_weighted_adapter; PEFT's formulas, for equal numbers."""
+    present = [(a, w) for a, w in zip(adapters, weights) if a in m.r]
+    A0, B0 = m.factors(present[0][0])
+    if kind == "linear":  # sqrt(w·s) on each factor, the sign on A
+        ws = [(w * m.scaling[a], a) for a, w in present]
+        A = sum((abs(x) ** 0.5 * (1 if x >= 0 else -1)) * m.factors(a)[0] for x, a in ws)
+        B = sum(abs(x) ** 0.5 * m.factors(a)[1] for x, a in ws)
+        return A, B
+    if kind == "cat":
+        A = torch.cat([w * m.scaling[a] * m.factors(a)[0] for a, w in present])
+        B = torch.cat([m.factors(a)[1] for a, _ in present], dim=1)
+        pad = new_r - A.shape[0]  # layers missing some adapters leave the tail of the rank at zero
+        return torch.cat([A, A0.new_zeros(pad, A.shape[1])]), torch.cat([B, B0.new_zeros(B.shape[0], pad)], dim=1)
+    delta = sum(w * (m.factors(a)[1] @ m.factors(a)[0]) * m.scaling[a] for a, w in present)  # out×in
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=full_matrices, driver=driver)
+    B, A = U[:, :new_r] @ torch.diag(S[:new_r]), Vh[:new_r]
+    if clamp is not None:
+        hi = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
+        B, A = B.clamp(-hi, hi), A.clamp(-hi, hi)
+    return A, B
