@@ -22,11 +22,11 @@ path, method, steps, threads, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]),
 torch.set_num_threads(threads)
 kw = {}
 if method == "qlora":
-    from smolpeft.qlora import bnb_config, prepare_for_kbit_training
+    from smolpeft.qlora import bnb_config, prepare_model_for_kbit_training
     kw["quantization_config"] = bnb_config()
 model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
 if method == "qlora":
-    prepare_for_kbit_training(model)
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 if ckpt:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 footprint = model.get_memory_footprint()

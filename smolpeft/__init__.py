@@ -1,5 +1,6 @@
-"""smolpeft: LoRA, QLoRA and prompt tuning with Hugging Face PEFT's API and adapter format."""
+"""smolpeft: LoRA, QLoRA and prompt tuning with Hugging Face PEFT's API, object graph and adapter format."""
 
+from .checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .config import LoraConfig, PeftConfig, PeftType, PromptTuningConfig, PromptTuningInit, TaskType, load_config
 from .model import (
     AutoPeftModel,
@@ -11,23 +12,41 @@ from .model import (
     PeftModelForSequenceClassification,
     get_peft_model,
 )
+from .prompt import PromptEmbedding
+from .qlora import prepare_model_for_kbit_training
+from .surface import UNSUPPORTED_CONFIGS, PeftWarning, unsupported
+from .tuner import LoraModel, inject_adapter_in_model
+
+from . import tuners, utils  # noqa: F401  (PEFT's deep module paths: peft.tuners.lora, peft.utils, ...)
 
 __version__ = "0.1.0"
+
+# PEFT's other methods: importable, so PEFT scripts' import lines work; building one raises and names it.
+globals().update({name: unsupported(name) for name in UNSUPPORTED_CONFIGS})
+PeftMixedModel = unsupported("PeftMixedModel")
 
 __all__ = [
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForSequenceClassification",
     "LoraConfig",
+    "LoraModel",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForSequenceClassification",
     "PeftType",
+    "PeftWarning",
+    "PromptEmbedding",
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "load_config",
+    "load_peft_weights",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
 ]

@@ -170,6 +170,26 @@ def copy_into(params: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], 
             p.copy_(loaded[k])
 
 
+def resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub: Any) -> str:
+    """A local adapter directory, or a Hub repo id downloaded (config and weights only) to the local cache."""
+    path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
+    if os.path.isdir(path) or os.path.exists(model_id) or str(model_id).count("/") != 1:
+        return path
+    from huggingface_hub import snapshot_download
+
+    hub = {k: v for k, v in hub.items() if v is not None and k != "use_auth_token"}
+    try:
+        root = snapshot_download(str(model_id), allow_patterns=["*adapter_config.json", "*adapter_model.safetensors"], **hub)
+    except Exception as e:
+        raise FileNotFoundError(f"adapter directory not found: {model_id} (not local, and the Hub said: {e})") from e
+    return os.path.join(root, subfolder) if subfolder else root
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, **hub: Any) -> dict[str, torch.Tensor]:
+    """PEFT's name: the adapter weights of a local directory or Hub repo, on `device`."""
+    return read_weights(resolve_dir(model_id, **hub), device=device)
+
+
 # --- files -------------------------------------------------------------------------------------------------------
 
 

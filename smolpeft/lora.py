@@ -142,9 +142,9 @@ class LoraLayer(nn.Module):
             U, S, Vh = torch.linalg.svd(Wm, full_matrices=False)
             root = S[:r].sqrt() / math.sqrt(s)
             B, A = U[:, :r] * root, root[:, None] * Vh[:r]
-        else:
+        else:  # OLoRA keeps Q and R unscaled (PEFT's definition), so the base loses s·Q_r R_r
             Q, R = torch.linalg.qr(Wm)
-            B, A = Q[:, :r] / math.sqrt(s), R[:r] / math.sqrt(s)
+            B, A = Q[:, :r], R[:r]
         return A.contiguous(), B.contiguous()
 
     def _layout(self, w: torch.Tensor) -> torch.Tensor:

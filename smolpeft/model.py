@@ -27,20 +27,6 @@ from .tuner import CLS_HEADS, LoraModel
 _HUB_KWARGS = {"subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "use_auth_token"}
 
 
-def _resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub: Any) -> str:
-    """A local adapter directory, or a Hub repo id downloaded (config and weights only) to the local cache."""
-    path = os.path.join(model_id, subfolder) if subfolder else str(model_id)
-    if os.path.isdir(path) or os.path.exists(model_id) or str(model_id).count("/") != 1:
-        return path
-    from huggingface_hub import snapshot_download
-
-    hub = {k: v for k, v in hub.items() if v is not None and k != "use_auth_token"}
-    try:
-        root = snapshot_download(str(model_id), allow_patterns=["*adapter_config.json", "*adapter_model.safetensors"], **hub)
-    except Exception as e:
-        raise FileNotFoundError(f"adapter directory not found: {model_id} (not local, and the Hub said: {e})") from e
-    return os.path.join(root, subfolder) if subfolder else root
-
 
 def _check_kwargs(where: str, kwargs: dict[str, Any], allowed: set[str]) -> None:
     bad = sorted(set(kwargs) - allowed)
@@ -351,7 +337,7 @@ class PeftModel(nn.Module):
             raise ValueError("ephemeral_gpu_offload and key_mapping are not supported by smolpeft")
         _check_device_map(kwargs.pop("device_map", None))
         ignore_sizes, dtype = kwargs.pop("ignore_mismatched_sizes", False), kwargs.pop("torch_dtype", None)
-        path = _resolve_dir(model_id, **kwargs)
+        path = checkpoint.resolve_dir(model_id, **kwargs)
         config = load_config(path)
         self._load(path, config, adapter_name, is_trainable, torch_device, ignore_sizes, dtype, autocast_adapter_dtype)
 
@@ -409,7 +395,7 @@ class PeftModel(nn.Module):
         _check_device_map(kwargs.pop("device_map", None))
         device, ignore_sizes = kwargs.pop("torch_device", None), kwargs.pop("ignore_mismatched_sizes", False)
         dtype = kwargs.pop("torch_dtype", None)
-        path = _resolve_dir(model_id, **kwargs)
+        path = checkpoint.resolve_dir(model_id, **kwargs)
         config = config or load_config(path)
         if cls is PeftModel:
             cls = _TASK_CLASSES.get(config.task_type, PeftModel)
@@ -526,7 +512,7 @@ class _AutoPeftModel:
         """Load the base named by `base_model_name_or_path` (kwargs go to its from_pretrained), then the adapter."""
         import transformers
 
-        path = _resolve_dir(pretrained_model_name_or_path, kwargs.pop("subfolder", None))
+        path = checkpoint.resolve_dir(pretrained_model_name_or_path, kwargs.pop("subfolder", None))
         config = load_config(path)
         if not config.base_model_name_or_path:
             raise ValueError(f"{path}/adapter_config.json has no base_model_name_or_path; load the base yourself")

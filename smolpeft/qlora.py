@@ -23,8 +23,14 @@ def bnb_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.flo
     )
 
 
-def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
-    """Freeze the base, keep norms (and other small float params) in fp32, and let gradients reach the inputs.
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict | None = None,
+    auto_clear_cache: bool = True,  # PEFT empties the accelerator cache here; nothing is cached on this path
+) -> nn.Module:
+    """Freeze the base, keep norms (and other small float params) in fp32, and let gradients reach the inputs
+    (PEFT's name and arguments; checkpointing is on by default, as there).
 
     The unquantized tensors (embeddings, norms, head) are copied out of the loaded checkpoint: loaded zero-copy,
     they keep the whole memory-mapped file alive, and with it every page that was read to quantize the rest, so
@@ -35,8 +41,8 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = F
             p.data = p.data.float()
         elif p.dtype.is_floating_point:
             p.data = p.data.clone()
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if use_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {})
     model.enable_input_require_grads()
     return model
 

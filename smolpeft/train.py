@@ -137,9 +137,9 @@ def prepare(base, cfg: TrainConfig, kind: str, model_path: str):
         target_modules=targets, use_rslora=cfg.rslora, task_type=task_type, base_model_name_or_path=model_path,
     )
     if cfg.method == "qlora":
-        from .qlora import prepare_for_kbit_training
+        from .qlora import prepare_model_for_kbit_training
 
-        prepare_for_kbit_training(base, cfg.gradient_checkpointing)
+        prepare_model_for_kbit_training(base, cfg.gradient_checkpointing, {"use_reentrant": False})
     return get_peft_model(base, config)
 
 

@@ -242,6 +242,21 @@ class LoraModel(nn.Module):
                         m.modules_to_save[adapter_name].load_state_dict(m.modules_to_save[src].state_dict())
 
 
+def inject_adapter_in_model(
+    peft_config: LoraConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Inject LoRA layers into `model` in place and return it, with no PeftModel around it (PEFT's low-level API)."""
+    if not isinstance(peft_config, LoraConfig):
+        raise ValueError(f"inject_adapter_in_model supports LoRA configs, not {peft_config.peft_type.value}")
+    if state_dict is not None:
+        raise ValueError("inject_adapter_in_model(state_dict=...) is not supported by smolpeft; pass target_modules")
+    return LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage).model
+
+
 def _combine(m: LoraLayer, adapters, weights, kind, new_r, clamp, full_matrices, driver) -> tuple[torch.Tensor, torch.Tensor]:
     """A (new_r×in) and B (out×new_r) of one layer for add_weighted_adapter; PEFT's formulas, for equal numbers."""
     present = [(a, w) for a, w in zip(adapters, weights) if a in m.r]

@@ -1,0 +1,8 @@
+"""PEFT's module path `peft.peft_model`: thin re-exports of smolpeft.model."""
+
+from .model import (  # noqa: F401
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForSequenceClassification,
+)
