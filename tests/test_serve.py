@@ -190,14 +190,14 @@ def test_64_concurrent_requests_mixed_adapters(srv, caplog):
         return srv.client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
 
     mixed = srv.engine.stats["mixed_steps"]
-    with caplog.at_level(logging.DEBUG, logger="smolpeft.serve"):
+    with caplog.at_level(logging.DEBUG, logger="smolpeft.engine"):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(run, job) for job in jobs]
             results = [f.result() for f in futures]  # any error raises here
     for (prompt, model, n), text in zip(jobs, results):
         assert text == offline(srv, srv.tok(prompt)["input_ids"], model, n)[1], (prompt, model, n)
     assert srv.engine.stats["mixed_steps"] > mixed
-    steps = [r.getMessage() for r in caplog.records if r.name == "smolpeft.serve" and "adapters {" in r.getMessage()]
+    steps = [r.getMessage() for r in caplog.records if r.name == "smolpeft.engine" and "adapters {" in r.getMessage()]
     assert any(m.split("adapters ")[1].count(":") >= 2 for m in steps), steps[:5]  # rows of two or more adapters
 
 
@@ -393,7 +393,7 @@ def test_nf4_base_equals_offline_generate_on_the_same_4bit_model(tmp_path):
     tok = tiny.tokenizer(tmp_path / "base")
     _adapter(str(tmp_path / "base"), tmp_path / "a", 1, **ADAPTERS["b"])
     engine = Engine.load(str(tmp_path / "base"), {"a": str(tmp_path / "a")}, quantize="nf4", max_batch=4, device="cpu")
-    assert type(engine.model.base_model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    assert type(engine.model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config(), device_map={"": "cpu"})
     ref = smolpeft.PeftModel.from_pretrained(base, str(tmp_path / "a"), "a").eval()
     engine.start()
