@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from .engine import BASE, Engine, EngineError, Reason, Request, SamplingParams, adapter_path_under, clip
+from .engine import Engine, EngineError, Reason, Request, SamplingParams, adapter_path_under, clip
 
 try:
     from fastapi import FastAPI
