@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import BIN_NAME
+from .config import CONFIG_NAME, WEIGHTS_NAME
 from .data import _chat
 from .lora import BASE
 from .model import PeftModel
 
 log = logging.getLogger("smolpeft.engine")
-
-CONFIG_NAME, WEIGHTS_NAME, BIN_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 
 
 class Reason(str, enum.Enum):

@@ -568,6 +568,27 @@ def test_the_api_key_can_come_from_a_file_or_the_environment(tmp_path):
         resolve_api_key(None, str(tmp_path / "empty"))
 
 
+def test_serve_applies_its_limits_and_reads_the_key_file(srv, tmp_path, monkeypatch):
+    """serve(): the limits reach the engine and the app, the key comes from the file (uvicorn itself is stubbed)."""
+    from fastapi.testclient import TestClient
+
+    import smolpeft.serve
+
+    apps, engines, load = [], [], Engine.load
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **kw: engines.append(load(*a, **kw)) or engines[-1]))
+    (tmp_path / "key").write_text("sk-file\n")
+    smolpeft.serve.serve(srv.base, api_key_file=str(tmp_path / "key"), max_body_bytes=100, max_prompt_tokens=5,
+                         max_waiting=3)
+    assert (engines[0].max_prompt_tokens, engines[0].max_waiting) == (5, 3)
+    client = TestClient(apps[0])
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-file"}).status_code == 200
+    r = client.post("/v1/completions", json={"model": srv.base, "prompt": "x" * 200},
+                    headers={"Authorization": "Bearer sk-file"})
+    assert r.status_code == 413
+
+
 def test_greedy_is_deterministic_mixed_and_after_hot_loads(srv):
     """c and d are hot-loaded after the first adapters (d with dropout 0.5: equal to offline only in eval mode)."""
     jobs = [(PROMPTS[i % 3], m, 10) for i, m in enumerate(["a", "b", "c", "d", srv.base] * 2)]
