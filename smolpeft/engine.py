@@ -112,6 +112,9 @@ class Engine:
         self.context = int(getattr(text_config, "max_position_embeddings", None) or tokenizer.model_max_length)
         self.max_prompt_tokens = min(max_prompt_tokens or self.context, self.context - 1)
         self.vocab_size = int(text_config.vocab_size)
+        # No token spells more characters than the longest vocabulary entry, so a text longer than that many times
+        # the token limit is too long; refusing it by its length saves tokenizing megabytes only to refuse them.
+        self._longest_token = max(map(len, tokenizer.get_vocab()), default=1)
         eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.device = next(model.parameters()).device
@@ -173,16 +176,23 @@ class Engine:
                           "model")
 
     def encode(self, text: str) -> list[int]:
+        self._check_length(len(text), "prompt")
         _check_text(text, "prompt")
         return self.tokenizer(text)["input_ids"]
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        self._check_length(sum(len(m["role"]) + len(m["content"]) for m in messages), "messages")
         for m in messages:
             _check_text(m["role"] + m["content"], "messages")
         try:
             return _chat(self.tokenizer, messages, add_generation_prompt=True)
         except Exception as e:  # a template may refuse the conversation (roles out of order, say)
             raise EngineError(Reason.BAD_REQUEST, f"the chat template rejected the messages: {e}", "messages") from None
+
+    def _check_length(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_tokens * self._longest_token:
+            raise EngineError(Reason.CONTEXT_LENGTH, f"the prompt has {chars} characters, more than "
+                                                     f"{self.max_prompt_tokens} tokens can spell", param)
 
     def check(self, req: Request) -> None:
         """Refuse a request the engine cannot run, with the reason; fill in max_tokens and the sampler's seed."""
@@ -191,13 +201,13 @@ class Engine:
             raise EngineError(Reason.NOT_FOUND, f"adapter {clip(repr(req.adapter))} is not loaded", "model")
         if not ids:
             raise EngineError(Reason.BAD_REQUEST, "the prompt is empty", "prompt")
+        if len(ids) > self.max_prompt_tokens:
+            raise EngineError(Reason.CONTEXT_LENGTH, f"the prompt has {len(ids)} tokens; this server takes up to "
+                                                     f"{self.max_prompt_tokens} (model context {self.context})", "prompt")
         bad = [t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size]
         if bad:
             raise EngineError(Reason.BAD_REQUEST, f"token ids {clip(repr(bad[:5]))} are outside the vocabulary "
                                                   f"(0..{self.vocab_size - 1})", "prompt")
-        if len(ids) > self.max_prompt_tokens:
-            raise EngineError(Reason.CONTEXT_LENGTH, f"the prompt has {len(ids)} tokens; this server takes up to "
-                                                     f"{self.max_prompt_tokens} (model context {self.context})", "prompt")
         if p.max_tokens is None:
             p.max_tokens = self.context - len(ids)
         if type(p.max_tokens) is not int or p.max_tokens < 1:

@@ -164,12 +164,23 @@ def test_the_waiting_queue_is_bounded(env):
 
 def test_encoding_refuses_lone_surrogates(env):
     engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m")
-    for call in (lambda: engine.encode("hi \ud800" + "x" * 100_000),
+    for call in (lambda: engine.encode("hi \ud800" + "x" * 1000),
                  lambda: engine.encode_chat([{"role": "user", "content": "\udfff"}])):
         with pytest.raises(EngineError) as e:
             call()
         assert e.value.reason == Reason.BAD_REQUEST and len(e.value.message) < 300
     assert engine.encode(PROMPT) == env["tok"](PROMPT)["input_ids"]
+
+
+def test_a_text_too_long_for_the_token_limit_is_refused_without_tokenizing(env, monkeypatch):
+    engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m", max_prompt_tokens=100)
+    longest = max(map(len, env["tok"].get_vocab()))
+    monkeypatch.setattr(engine, "tokenizer", None)  # tokenizing would raise
+    for call in (lambda: engine.encode("x" * (100 * longest + 1)),
+                 lambda: engine.encode_chat([{"role": "user", "content": "x" * (100 * longest)}])):
+        with pytest.raises(EngineError) as e:
+            call()
+        assert e.value.reason == Reason.CONTEXT_LENGTH
 
 
 def test_adapter_files_are_checked_before_loading(env, tmp_path):

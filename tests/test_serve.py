@@ -469,6 +469,10 @@ def test_request_limits(srv, monkeypatch):
 
     r = httpx.post(f"{srv.url}/v1/completions", content=chunks(), headers=H, timeout=30)
     assert r.status_code == 413, r.text
+    t = time.monotonic()  # 3 MB of text: within the body limit, refused by its length before any tokenizing
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client.completions.create(model="a", prompt="the " * 750_000, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded" and time.monotonic() - t < 5
     monkeypatch.setattr(srv.engine, "max_prompt_tokens", 8)  # --max-prompt-tokens 8
     with pytest.raises(openai.BadRequestError) as e:
         srv.client.completions.create(model="a", prompt=PROMPTS[4], max_tokens=2)
