@@ -37,7 +37,8 @@ def main():
     import uvicorn
 
     import smolpeft
-    from smolpeft.serve import Engine, create_app
+    from smolpeft.engine import Engine
+    from smolpeft.serve import create_app
 
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
     d = tempfile.mkdtemp()

@@ -1,0 +1,244 @@
+"""The decode engine without HTTP: a failure that belongs to one request ends that request only, every refusal has a
+reason, hot-loaded adapters are checked before loading and served in eval mode, and no web framework is imported."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tiny
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import smolpeft
+from smolpeft.engine import BASE, Engine, EngineError, Reason, Request, SamplingParams, adapter_path_under
+
+PROMPT = "the quick brown fox"
+
+
+def _adapter(base: str, out, seed: int, **lora) -> str:
+    torch.manual_seed(seed)
+    config = smolpeft.LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora)  # random B: not the identity
+    smolpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny Llama, adapter `a`, adapter `nan` (NaN B matrices), `drop` (lora_dropout 0.5) and their offline model."""
+    d = tmp_path_factory.mktemp("engine")
+    base = str(d / "base")
+    tok = tiny.tokenizer(base)
+    tiny.llama(vocab=300).save_pretrained(base)
+    paths = {"a": _adapter(base, d / "a", 1, r=4, target_modules=["q_proj", "v_proj"]),
+             "nan": _adapter(base, d / "nan", 2, r=4, target_modules=["q_proj", "v_proj"]),
+             "drop": _adapter(base, d / "drop", 3, r=4, lora_dropout=0.5, target_modules="all-linear")}
+    weights = load_file(f"{paths['nan']}/adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in weights.items()},
+              f"{paths['nan']}/adapter_model.safetensors")
+    ref = smolpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), paths["a"], "a")
+    ref.load_adapter(paths["drop"], "drop")
+    return dict(dir=d, base=base, tok=tok, paths=paths, ref=ref.eval())
+
+
+def offline(env, ids: list[int], adapter: str, n: int) -> list[int]:
+    with torch.no_grad():
+        out = env["ref"].generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  adapter_names=[adapter], max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _engine(env, *adapters: str, **kw) -> Engine:
+    return Engine.load(env["base"], {a: env["paths"][a] for a in adapters}, max_batch=8, device="cpu", **kw)
+
+
+def _run_together(engine: Engine, reqs: list[Request]) -> None:
+    """Queue every request before the loop starts, so they are admitted, prefilled and decoded as one batch."""
+    for req in reqs:
+        engine.submit(req)
+    engine.start()
+    try:
+        for req in reqs:
+            assert req.done.wait(30)
+    finally:
+        engine.stop()
+
+
+def test_importing_the_engine_imports_no_web_framework():
+    code = ("import sys, smolpeft.engine; "
+            "web = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette')); "
+            "assert not web, web")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_one(env):
+    """temperature 1e-39 once overflowed logits / T to inf, sampling raised, and the whole batch got a 500."""
+    engine = _engine(env, "a")
+    ids = env["tok"](PROMPT)["input_ids"]
+    reqs = [Request(ids, name, SamplingParams(8, temperature=t, seed=1)) for name in ("a", BASE) for t in (0, 1e-39)]
+    _run_together(engine, reqs)
+    for req in reqs:
+        assert req.finish_reason in ("stop", "length"), req.error
+        assert req.out_ids == offline(env, ids, req.adapter, 8)
+    assert engine.stats["mixed_steps"] > 0
+
+
+def test_an_adapter_with_nan_weights_fails_only_its_own_requests(env):
+    engine = _engine(env, "a", "nan")
+    ids = env["tok"](PROMPT)["input_ids"]
+    broken = [Request(ids, "nan", SamplingParams(8, temperature=0.8, seed=3)), Request(ids, "nan", SamplingParams(8, 0))]
+    healthy = [Request(ids, name, SamplingParams(8, temperature=0)) for name in ("a", BASE)]
+    _run_together(engine, [healthy[0], *broken, healthy[1]])
+    for req in broken:
+        assert req.finish_reason == "error" and req.error.reason == Reason.INTERNAL
+        assert "non-finite" in req.error.message
+    for req in healthy:
+        assert req.finish_reason in ("stop", "length") and req.out_ids == offline(env, ids, req.adapter, 8)
+    assert engine.stats["errors"] == 2
+
+
+def test_an_exception_while_finishing_one_request_ends_only_that_request(env, monkeypatch):
+    engine = _engine(env, "a")
+    ids = env["tok"](PROMPT)["input_ids"]
+    reqs = [Request(ids, name, SamplingParams(6, temperature=0)) for name in ("a", BASE, "a")]
+    append = engine._append
+
+    def flaky(req, token):  # one request's text handling breaks (a decode error, say) on its third token
+        if req is reqs[1] and len(req.out_ids) == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "simulated")
+        append(req, token)
+
+    monkeypatch.setattr(engine, "_append", flaky)
+    _run_together(engine, reqs)
+    assert reqs[1].finish_reason == "error" and reqs[1].error.reason == Reason.INTERNAL
+    assert "simulated" in reqs[1].error.message
+    for req in (reqs[0], reqs[2]):
+        assert req.finish_reason in ("stop", "length") and req.out_ids == offline(env, ids, "a", 6)
+
+
+@pytest.mark.parametrize("case,reason,param", [
+    (dict(adapter="nope"), Reason.NOT_FOUND, "model"),
+    (dict(ids=[]), Reason.BAD_REQUEST, "prompt"),
+    (dict(ids=[300]), Reason.BAD_REQUEST, "prompt"),
+    (dict(ids=[5] * 3000), Reason.CONTEXT_LENGTH, "prompt"),
+    (dict(max_tokens=5000), Reason.CONTEXT_LENGTH, "max_tokens"),
+    (dict(max_tokens=0), Reason.BAD_REQUEST, "max_tokens"),
+    (dict(seed=2**64), Reason.BAD_REQUEST, "seed"),
+    (dict(seed=-(2**63) - 1), Reason.BAD_REQUEST, "seed"),
+    (dict(temperature=float("nan")), Reason.BAD_REQUEST, "temperature"),
+    (dict(temperature=3.0), Reason.BAD_REQUEST, "temperature"),
+    (dict(top_p=0.0), Reason.BAD_REQUEST, "top_p"),
+    (dict(stop=["\ud800"]), Reason.BAD_REQUEST, "stop"),
+    (dict(stop=[None]), Reason.BAD_REQUEST, "stop"),
+    (dict(stop=["", "x"]), Reason.BAD_REQUEST, "stop"),
+    (dict(stop=list("abcde")), Reason.BAD_REQUEST, "stop"),
+])
+def test_submit_refuses_bad_requests_with_a_reason(env, case, reason, param):
+    engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m", max_prompt_tokens=2000)
+    params = {k: case[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed") if k in case}
+    req = Request(case.get("ids", [5, 6, 7]), case.get("adapter", BASE), SamplingParams(**{"max_tokens": 4} | params))
+    with pytest.raises(EngineError) as e:
+        engine.submit(req)
+    assert (e.value.reason, e.value.param) == (reason, param), e.value.message
+    assert len(e.value.message) < 300 and not engine._waiting
+
+
+def test_seeds_at_the_edges_of_the_range_are_accepted(env):
+    engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m")
+    for seed in (2**64 - 1, -(2**63), 0):
+        engine.submit(Request([5, 6], BASE, SamplingParams(2, temperature=1.0, seed=seed)))
+    assert len(engine._waiting) == 3
+
+
+def test_the_waiting_queue_is_bounded(env):
+    engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m", max_waiting=2)
+    for _ in range(2):
+        engine.submit(Request([5, 6], BASE, SamplingParams(2, temperature=0)))
+    with pytest.raises(EngineError) as e:
+        engine.submit(Request([5, 6], BASE, SamplingParams(2, temperature=0)))
+    assert e.value.reason == Reason.OVERLOADED
+
+
+def test_encoding_refuses_lone_surrogates(env):
+    engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m")
+    for call in (lambda: engine.encode("hi \ud800" + "x" * 1000),
+                 lambda: engine.encode_chat([{"role": "user", "content": "\udfff"}])):
+        with pytest.raises(EngineError) as e:
+            call()
+        assert e.value.reason == Reason.BAD_REQUEST and len(e.value.message) < 300
+    assert engine.encode(PROMPT) == env["tok"](PROMPT)["input_ids"]
+
+
+def test_a_text_too_long_for_the_token_limit_is_refused_without_tokenizing(env, monkeypatch):
+    engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m", max_prompt_tokens=100)
+    longest = max(map(len, env["tok"].get_vocab()))
+    monkeypatch.setattr(engine, "tokenizer", None)  # tokenizing would raise
+    for call in (lambda: engine.encode("x" * (100 * longest + 1)),
+                 lambda: engine.encode_chat([{"role": "user", "content": "x" * (100 * longest)}])):
+        with pytest.raises(EngineError) as e:
+            call()
+        assert e.value.reason == Reason.CONTEXT_LENGTH
+
+
+def test_adapter_files_are_checked_before_loading(env, tmp_path):
+    engine = _engine(env, "a")
+    good = env["paths"]["a"]
+
+    def variant(name: str, config: dict | None = None, weights: str | None = "adapter_model.safetensors") -> str:
+        d = tmp_path / name
+        d.mkdir()
+        cfg = json.load(open(f"{good}/adapter_config.json")) | (config or {})
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        if weights:
+            (d / weights).write_bytes(open(f"{good}/adapter_model.safetensors", "rb").read())
+        return str(d)
+
+    cases = {"alpha": variant("alpha", {"lora_alpha": "abc"}), "rank": variant("rank", {"r": -1}),
+             "kind": variant("kind", {"peft_type": "IA3"}), "bin": variant("bin", weights="adapter_model.bin"),
+             "none": variant("none", weights=None), "dir": str(tmp_path / "missing")}
+    for name, path in cases.items():
+        with pytest.raises(EngineError) as e:
+            engine.load_adapter(name, path)
+        assert e.value.reason == Reason.BAD_REQUEST, (name, e.value.message)
+    assert "safetensors" in str(pytest.raises(EngineError, engine.load_adapter, "x", cases["bin"]).value)
+    with pytest.raises(EngineError) as e:
+        engine.load_adapter("a", good)
+    assert e.value.reason == Reason.CONFLICT
+    with pytest.raises(EngineError) as e:
+        engine.delete_adapter("nope")
+    assert e.value.reason == Reason.NOT_FOUND
+    assert engine.adapters == ["a"]
+
+
+def test_adapter_paths_must_stay_inside_the_root_file_by_file(env, tmp_path):
+    root, outside = tmp_path / "root", env["paths"]["a"]
+    (root / "sneaky").mkdir(parents=True)
+    (root / "sneaky" / "adapter_config.json").write_text(open(f"{outside}/adapter_config.json").read())
+    os.symlink(f"{outside}/adapter_model.safetensors", root / "sneaky" / "adapter_model.safetensors")
+    os.symlink(outside, root / "link")
+    for path in ["sneaky", "link", "../", outside]:
+        with pytest.raises(EngineError) as e:
+            adapter_path_under(str(root), path)
+        assert e.value.reason == Reason.FORBIDDEN, path
+    (root / "ok").mkdir()
+    os.symlink(root / "sneaky" / "adapter_config.json", root / "ok" / "adapter_config.json")  # inside: fine
+    assert adapter_path_under(str(root), "ok") == os.path.realpath(root / "ok")
+
+
+def test_a_hot_loaded_adapter_is_served_in_eval_mode(env):
+    """lora_dropout 0.5: an adapter left in training mode would drop half its input and differ from offline."""
+    engine = _engine(env)
+    engine.start()
+    try:
+        engine.load_adapter("a", env["paths"]["a"])
+        engine.model.train()  # a loader that left training mode on, or the previous adapter's
+        engine.load_adapter("drop", env["paths"]["drop"])
+        assert not any(m.training for m in engine.model.modules())
+        ids = env["tok"](PROMPT)["input_ids"]
+        for name in ("drop", "a", BASE):
+            assert engine.generate(ids, name, SamplingParams(8, temperature=0)).out_ids == offline(env, ids, name, 8)
+    finally:
+        engine.stop()
