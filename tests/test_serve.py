@@ -126,7 +126,7 @@ def offline(s, ids: list[int], model: str, max_tokens: int) -> tuple[list[int], 
 def test_adapter_dir_has_the_peft_files_vllm_reads(srv):
     for name, lora in ADAPTERS.items():  # the adapters under test; the broken ones have their own tests
         d = srv.dir / "adapters" / name
-        assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # + model card
         cfg = json.loads((d / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == lora["r"] and cfg["lora_alpha"] == lora["lora_alpha"]
         assert cfg["base_model_name_or_path"] == srv.base and cfg["target_modules"]
