@@ -75,7 +75,7 @@ def read_jsonl(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
@@ -124,6 +124,8 @@ def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Data
     if not train:
         raise ValueError(f"{spec}: no rows")
     evals = next((ds[s] for s in ("test", "validation") if s in ds), None)
+    if evals is None and len(train) < 2:
+        raise ValueError(f"{spec}: 1 row; need at least 2, as a seeded slice is held out for evaluation")
     if evals is None:  # hold out a seeded slice so eval never sees training rows
         idx = list(range(len(train)))
         random.Random(seed).shuffle(idx)
