@@ -145,7 +145,7 @@ def foreign_entries(directory: str | os.PathLike) -> list[str]:
 # --- output directories ------------------------------------------------------------------------------------------
 
 
-def _inside(child: str, parent: str) -> bool:
+def inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
@@ -160,7 +160,7 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected
     """
     real = os.path.realpath(path)
     for what, p in {"the current directory": os.getcwd(), **(protected or {})}.items():
-        if p and os.path.exists(p) and _inside(os.path.realpath(p), real):
+        if p and os.path.exists(p) and inside(os.path.realpath(p), real):
             same = os.path.realpath(p) == real
             raise OutputDirError(f"output directory {path} {'is' if same else 'holds'} {what} ({p}); "
                                  "choose another output directory")

@@ -199,15 +199,15 @@ def run_fingerprint(cfg: TrainConfig, model_path: str, base, model, train_ex: li
     fp = {
         "base_model": model_path,
         "base_config": hashlib.sha256(json.dumps(base_config, sort_keys=True, default=str).encode()).hexdigest()[:16],
-        "data": h.hexdigest()[:16], "world_size": world,
-        "shapes": {n: list(p.shape) for n, p in _trainable(model).items()}, **options,
+        "data": h.hexdigest()[:16], "world_size": world, **options,
+        "shapes": {n: list(p.shape) for n, p in _trainable(model).items()},
     }
     return json.loads(json.dumps(fp, default=str))  # as it will read back from the manifest
 
 
 def check_resume(saved: dict, current: dict, directory: str, log: Callable[[str], None]) -> None:
     """Refuse a checkpoint of another run, naming the first field that differs; log the options that changed."""
-    for key in current.keys() | saved.keys():
+    for key in [*current, *(k for k in saved if k not in current)]:  # the base model first, the shapes last
         if key in RESUMABLE or saved.get(key) == current.get(key):
             continue
         if key == "shapes" and isinstance(saved.get(key), dict):
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     # Before any heavy work: never write over another run, the base model, the data or the working directory. A run
     # resuming from one of its own checkpoints continues in its directory.
     storage.clean_stale(os.path.dirname(os.path.abspath(out_dir)))
-    own_resume = bool(cfg.resume) and storage._inside(os.path.realpath(cfg.resume), os.path.realpath(out_dir))
+    own_resume = bool(cfg.resume) and storage.inside(os.path.realpath(cfg.resume), os.path.realpath(out_dir))
     storage.check_output_dir(out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data},
                              allow_nonempty=own_resume)
     tok = AutoTokenizer.from_pretrained(model_path)
