@@ -169,10 +169,11 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected
     if not os.path.isdir(path):
         raise OutputDirError(f"output directory {path} exists and is not a directory")
     entries = [n for n in os.listdir(path) if not TMP_RE.match(n)]
-    if not entries or allow_nonempty:
+    if entries in ([], [MANIFEST]) or allow_nonempty:  # a manifest alone: a run stopped before it wrote anything
         return
     if not overwrite:
-        raise OutputDirError(f"output directory {path} is not empty ({len(entries)} entries, e.g. {sorted(entries)[0]!r}); "
+        count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+        raise OutputDirError(f"output directory {path} is not empty ({count}, e.g. {sorted(entries)[0]!r}); "
                              "choose a new directory, or overwrite it if it is a smolpeft output", overwritable=True)
     if read_manifest(path) is None:
         raise OutputDirError(f"output directory {path} is not a smolpeft output (no {MANIFEST}); not replacing it")

@@ -50,7 +50,7 @@ def test_merge_refuses_to_destroy_directories(cls_run, tmp_path, monkeypatch, ca
     adapter_files = sorted(os.listdir(run))
     merge = ["merge", "--adapter", str(run), "--output-dir"]
     for out, extra, msg in [
-        ("mine", [], "output directory mine is not empty (1 entries, e.g. 'notes.txt'); choose a new directory, "
+        ("mine", [], "output directory mine is not empty (1 entry, e.g. 'notes.txt'); choose a new directory, "
                      "or overwrite it if it is a smolpeft output (--overwrite)"),
         ("mine", ["--overwrite"], "output directory mine is not a smolpeft output (no smolpeft.json); not replacing it"),
         (str(run), ["--overwrite"], f"output directory {run} is the adapter"),

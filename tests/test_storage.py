@@ -90,6 +90,8 @@ def test_output_dir_guards(tmp_path, monkeypatch):
         with pytest.raises(storage.OutputDirError, match=msg):
             storage.check_output_dir(path, overwrite, {"the adapter": "adapter"})
     storage.check_output_dir("new", False)  # missing or empty is fine
+    storage.commit_dir("stopped", lambda d: None, "run")  # a run stopped before writing anything
+    storage.check_output_dir("stopped", False)
     storage.commit_dir("out", lambda d: open(os.path.join(d, "model.safetensors"), "w").close(), "merged")
     storage.check_output_dir("out", True)
     (tmp_path / "out/notes.txt").write_text("a user's file")
