@@ -76,6 +76,11 @@ def test_huge_row_is_cut_before_tokenizing(lm):
 
 
 def test_library_errors_do_not_name_cli_flags(tmp_path):
+    from smolpeft.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="model is needed for chat/text data") as e:
+        train(TrainConfig(task="chat", output_dir=str(tmp_path / "o")), log=lambda *_: None)
+    assert "--" not in str(e.value)
     with pytest.raises(ValueError) as e:
         load_data(str(tmp_path / "d.jsonl"), "sentiment")
     assert "--" not in str(e.value)
