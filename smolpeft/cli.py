@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import traceback
+
+from . import storage
 
 TRAIN_EXAMPLES = """examples:
   smolpeft train                                    # LoRA on the bundled MiniLM, built-in sentiment task
@@ -64,6 +64,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="built-in task: sentiment, topic, intent, chat (default: sentiment)")
     p.add_argument("--method", choices=["lora", "qlora", "prompt", "full"])
     p.add_argument("--output-dir")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace a non-empty --output-dir, only if smolpeft wrote it and it holds nothing else")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int)
@@ -171,6 +173,11 @@ def _load(adapter: str | None, model: str | None, for_training: bool = False, lo
             for k, v in read_weights(adapter).items():
                 if k.endswith(("classifier.weight", "score.weight")):
                     kw["num_labels"] = v.shape[0]
+            names = storage.read_labels(adapter)
+            if names is not None:
+                if "num_labels" in kw and kw["num_labels"] != len(names):
+                    raise ValueError(f"{adapter}: {storage.LABELS_NAME} names {len(names)} labels, the adapter's head has {kw['num_labels']}")
+                kw |= {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
         base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, **kw)
     else:
         base = transformers.AutoModelForCausalLM.from_pretrained(base_path, **kw)
@@ -241,9 +248,13 @@ def cmd_generate(args) -> int:
 def cmd_merge(args) -> int:
     import torch
 
+    from .config import load_config
     from .qlora import DTYPES, dequantize
 
-    model, tok, kind, _ = _load(args.adapter, args.model, load_4bit=args.load_4bit)
+    model_dir = args.model or (load_config(args.adapter).base_model_name_or_path if os.path.isdir(args.adapter) else None)
+    protected = {"the adapter": args.adapter, "the base model": model_dir}
+    storage.check_output_dir(args.output_dir, args.overwrite, protected)  # before the slow part: fail fast
+    model, tok, kind, base_path = _load(args.adapter, args.model, load_4bit=args.load_4bit)
     probe = tok(["The quick brown fox jumps over the lazy dog.", "Hello!"], return_tensors="pt", padding=True)
     with torch.no_grad():
         before = model(**probe).logits
@@ -256,18 +267,12 @@ def cmd_merge(args) -> int:
     diff = (before - after).abs().max().item()
     if diff > args.atol:
         raise ValueError(f"merged model differs from base+adapter by {diff:.2e} > --atol {args.atol:g}; nothing written")
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-merge-")
-    try:
+
+    def fill(tmp: str) -> None:
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if os.path.exists(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        os.replace(tmp, args.output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    storage.commit_dir(args.output_dir, fill, "merged", adapter=os.path.abspath(args.adapter), base_model=base_path)
     print(f"merged {type(merged).__name__} ({args.dtype}) written to {args.output_dir} (max |logit difference| {diff:.2e})")
     return 0
 
@@ -347,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  smolpeft merge --adapter runs/qlora --load-4bit --dtype bf16 --atol 0.05 --output-dir merged/")
     p.add_argument("--adapter", required=True)
     p.add_argument("--model")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="a new or empty directory (never the adapter's or the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it is a smolpeft output holding nothing else")
     p.add_argument("--load-4bit", action="store_true", help="load the base as NF4, as QLoRA trained it, then dequantize")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the written model")
     p.add_argument("--atol", type=float, default=1e-4,
@@ -429,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if getattr(e, "overwritable", False):
+            msg += " (--overwrite)"
         print(f"smolpeft {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
         return 1
 

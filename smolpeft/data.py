@@ -63,6 +63,37 @@ def _schema(row: dict, index: int, source: str) -> str:
     )
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a JSONL file; a line that is not UTF-8 or not a JSON object is reported by file and line."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {n}: expected a JSON object, found {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def check_utf8(path: str) -> None:
+    """Name the line of the first bytes that are not UTF-8 (the CSV and JSON readers only say that some are)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+
+
 def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """A local JSONL/JSON/CSV/Parquet file (a directory of them) or a Hub dataset name, read with `datasets`."""
     import datasets
@@ -71,14 +102,30 @@ def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Data
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
     if os.path.exists(spec) and builder is None and not os.path.isdir(spec):
         raise ValueError(f"{spec}: unsupported file type {ext!r}; use .jsonl, .json, .csv or .parquet")
-    try:
-        ds = datasets.load_dataset(builder, data_files=spec) if builder else datasets.load_dataset(spec)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"data not found: {spec} ({e})") from e
-    train = [r | {"_row": i} for i, r in enumerate(ds["train"].to_list())]  # errors name the row of the file
+    local = os.path.isfile(spec)
+    if local and os.path.getsize(spec) == 0:
+        raise ValueError(f"{spec}: the file is empty; expected one example per row")
+    if local and ext == "jsonl":  # read here: errors then name the line, and rows may differ in their fields
+        ds = {"train": read_jsonl(spec)}
+    else:
+        if local and ext in ("json", "csv"):
+            check_utf8(spec)
+        try:
+            loaded = datasets.load_dataset(builder, data_files=spec) if builder else datasets.load_dataset(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data not found: {spec} ({e})") from e
+        except Exception as e:  # the readers' own errors (pyarrow, pandas) do not say which file
+            if not local:
+                raise
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{spec}: could not be read as {ext.upper()}: {detail}") from e
+        ds = {name: split.to_list() for name, split in loaded.items()}
+    train = [r | {"_row": i} for i, r in enumerate(ds["train"])]  # errors name the row of the file
     if not train:
         raise ValueError(f"{spec}: no rows")
-    evals = next((ds[s].to_list() for s in ("test", "validation") if s in ds), None)
+    evals = next((ds[s] for s in ("test", "validation") if s in ds), None)
+    if evals is None and len(train) < 2:
+        raise ValueError(f"{spec}: 1 row; need at least 2, as a seeded slice is held out for evaluation")
     if evals is None:  # hold out a seeded slice so eval never sees training rows
         idx = list(range(len(train)))
         random.Random(seed).shuffle(idx)
@@ -94,7 +141,7 @@ def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Data
 def load_data(data: str | None, task: str | None, labels: list[str] | None = None) -> Dataset:
     """`labels` fixes the label set and order of a classification head (say, one head shared by several tasks)."""
     if data and task:
-        raise ValueError("give --data or --task, not both")
+        raise ValueError("give data or task, not both")
     ds = load_user_data(data) if data else load_builtin(task or "sentiment")
     if labels:
         if ds.kind != "cls":
@@ -149,6 +196,27 @@ def encode_lm_row(row: dict, i: int, tokenizer, train_on_prompt: bool, source: s
     return ids, list(ids)
 
 
+# Texts are cut to this many characters per kept token before tokenizing, so a huge row costs no more than a long
+# one: a token rarely spans more than ~20 characters (long whitespace or symbol runs), so the first max_length
+# tokens are those of the whole text, and memory stays bounded by max_length, not by the row.
+CHARS_PER_TOKEN = 64
+
+
+def bound_text(row: dict, max_chars: int) -> dict:
+    """A row whose strings (also inside messages) are cut to max_chars characters."""
+
+    def cut(v):
+        if isinstance(v, str):
+            return v[:max_chars]
+        if isinstance(v, list):
+            return [cut(x) for x in v]
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    return {k: cut(v) for k, v in row.items()}
+
+
 def encode(ds: Dataset, split: str, tokenizer, max_length: int, train_on_prompt: bool = False) -> tuple[list[dict], int]:
     """Tokenize a split; returns examples and how many were truncated to max_length."""
     rows = ds.train if split == "train" else ds.eval
@@ -162,6 +230,7 @@ def encode(ds: Dataset, split: str, tokenizer, max_length: int, train_on_prompt:
         if not isinstance(row, dict):
             raise ValueError(f"{source}: row {i} is not an object")
         i = row.get("_row", i)
+        row = bound_text(row, max_length * CHARS_PER_TOKEN)
         if ds.kind == "cls":
             text = _field(row, "text", i, source)
             label = str(_field(row, "label", i, source, (str, int)))

@@ -13,12 +13,24 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from . import checkpoint
+from . import storage
 from .train import TrainConfig, train
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
+REPORT_PATTERNS = ("results.*", "init_results.*", "serving.*", "*.png", "runs")  # what a report directory holds
 COLUMNS = ["method", "rank", "trainable_params", "pct_of_total", "size_on_disk_bytes", "train_time_s", "tokens_per_s",
            "peak_rss_mb", "metric", "value"]
+
+
+def fresh_report_dir(out_dir: str, overwrite: bool) -> None:
+    """An empty report directory. A used one is replaced only under overwrite, and only if it and every run in it
+    are smolpeft's own outputs holding nothing else."""
+    storage.check_output_dir(out_dir, overwrite)
+    runs = os.path.join(out_dir, "runs")
+    if os.path.isdir(runs):
+        for name in os.listdir(runs):
+            storage.check_output_dir(os.path.join(runs, name), overwrite)
+    storage.commit_dir(out_dir, lambda _: None, "report", REPORT_PATTERNS)
 
 
 def _train_quiet(cfg: TrainConfig) -> dict:
@@ -49,19 +61,19 @@ def _metric(after: dict) -> tuple[str, float]:
 
 
 def _write_table(rows: list[dict], out_dir: str, name: str, columns: list[str]) -> None:
-    checkpoint.atomic_write(os.path.join(out_dir, f"{name}.json"), (json.dumps(rows, indent=2) + "\n").encode())
+    storage.atomic_write(os.path.join(out_dir, f"{name}.json"), (json.dumps(rows, indent=2) + "\n").encode())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    checkpoint.atomic_write(os.path.join(out_dir, f"{name}.csv"), buf.getvalue().encode())
+    storage.atomic_write(os.path.join(out_dir, f"{name}.csv"), buf.getvalue().encode())
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    checkpoint.atomic_write(os.path.join(out_dir, f"{name}.md"), ("\n".join(md) + "\n").encode())
+    storage.atomic_write(os.path.join(out_dir, f"{name}.md"), ("\n".join(md) + "\n").encode())
 
 
 def _plt():
@@ -82,13 +94,14 @@ def _save(fig, path: str) -> None:
 
 def sweep(base: TrainConfig, out_dir: str, ranks=RANKS, methods=("lora", "full", "prompt"), log=print) -> list[dict]:
     """Train `base` once per LoRA rank and once per other method, on the same data, steps and seed."""
-    os.makedirs(out_dir, exist_ok=True)
+    fresh_report_dir(out_dir, base.overwrite)
     runs = [(m, r) for m in methods for r in (ranks if m in ("lora", "qlora") else [None])]
     rows = []
     for i, (method, r) in enumerate(runs, 1):
         name = f"{method}-r{r}" if r else method
         cfg = dataclasses.replace(base, method=method, rank=r or base.rank, alpha=None if r else base.alpha,
-                                  output_dir=os.path.join(out_dir, "runs", name), resume=None, save_every=0)
+                                  output_dir=os.path.join(out_dir, "runs", name), resume=None, save_every=0,
+                                  overwrite=False)
         s = run_isolated(cfg)
         metric, value = _metric(s["after"])
         rows.append({
@@ -158,7 +171,7 @@ def compare_init(base: TrainConfig, out_dir: str, tasks=("sentiment", "topic", "
     """
     from .data import load_builtin
 
-    os.makedirs(out_dir, exist_ok=True)
+    fresh_report_dir(out_dir, base.overwrite)
     labels = [lab for t in tasks for lab in load_builtin(t).labels]
     if len(set(labels)) != len(labels):
         raise ValueError(f"tasks {tasks} share label names; a shared head needs distinct labels")
@@ -168,7 +181,8 @@ def compare_init(base: TrainConfig, out_dir: str, tasks=("sentiment", "topic", "
     for k, (task, init, n) in enumerate(runs, 1):
         cfg = dataclasses.replace(base, task=task, data=None, method="prompt", prompt_init=init, virtual_tokens=n,
                                   prompt_init_text=text if init == "TEXT" else None, labels=labels,
-                                  output_dir=os.path.join(out_dir, "runs", f"{task}-{init.lower()}-{n}"), resume=None)
+                                  output_dir=os.path.join(out_dir, "runs", f"{task}-{init.lower()}-{n}"), resume=None,
+                                  overwrite=False)
         s = run_isolated(cfg)
         rows.append({"task": task, "init": init, "virtual_tokens": n, "accuracy": s["after"]["eval_accuracy"],
                      "accuracy_before": s["before"]["eval_accuracy"], "train_time_s": s["train_time_s"],
@@ -223,13 +237,13 @@ def cross_task(rows, tasks, n, base: TrainConfig, out_dir: str, labels: list[str
     sizes = {f"{r['task']}-{r['init'].lower()}": _weights_size(r["run_dir"]) for r in chosen}
     serving = {"virtual_tokens": n, "matrix": matrix, "switch_ms_median": 1000 * statistics.median(switches),
                "adapter_bytes": sizes, "full_model_bytes": full_bytes}
-    checkpoint.atomic_write(os.path.join(out_dir, "serving.json"), (json.dumps(serving, indent=2) + "\n").encode())
+    storage.atomic_write(os.path.join(out_dir, "serving.json"), (json.dumps(serving, indent=2) + "\n").encode())
     md = [f"# Every adapter on every task (prompt tuning, {n} virtual tokens, accuracy)", "",
           "| adapter \\ task | " + " | ".join(tasks) + " | size on disk |", "|---|" + "---|" * (len(tasks) + 1)]
     md += [f"| {a} | " + " | ".join(f"{matrix[a][t]:.3f}" for t in tasks) + f" | {sizes[a] / 1024:.1f} KiB |" for a in names]
     md += ["", f"A full copy of the model: {full_bytes / 2**20:.1f} MiB. Switching adapters on the shared base "
                f"(set_adapter, no reload): median {serving['switch_ms_median']:.4f} ms over 200 switches."]
-    checkpoint.atomic_write(os.path.join(out_dir, "serving.md"), ("\n".join(md) + "\n").encode())
+    storage.atomic_write(os.path.join(out_dir, "serving.md"), ("\n".join(md) + "\n").encode())
     return serving
 
 

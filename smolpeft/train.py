@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, storage
 from .config import LoraConfig, PromptTuningConfig
 from .data import Dataset, batch_order, collate, encode, load_data, pack
 from .loss import TrainingLoss
@@ -28,6 +28,12 @@ from .model import PeftModel, get_peft_model
 METHODS = ("lora", "qlora", "prompt", "full")
 DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
 STATE_NAME = "trainer_state.pt"
+RUN_PATTERNS = ("checkpoint-*", "metrics.jsonl")  # what a run directory gains while it trains
+# Options a resumed run may change (they are logged); every other option, the base model, the data and the shapes
+# of the trained tensors must match the checkpoint.
+RESUMABLE = ("lr", "max_steps", "epochs", "schedule", "warmup", "weight_decay", "clip", "eval_every", "save_every",
+             "early_stop", "log_every", "gradient_checkpointing")
+NOT_COMPARED = ("output_dir", "resume", "overwrite", "model", "data", "task")  # compared through what they load
 
 
 def bundled_model() -> str:
@@ -64,6 +70,7 @@ class TrainConfig:
     max_length: int = 256
     seed: int = 0
     resume: str | None = None  # a checkpoint-N directory
+    overwrite: bool = False  # replace a non-empty output_dir, only if it is a smolpeft output and holds nothing else
     gradient_checkpointing: bool = False
     eval_every: int = 0  # 0: evaluate before and after only
     save_every: int = 0  # 0: no intermediate checkpoints
@@ -178,29 +185,67 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(model, opt, sched, state: dict, directory: str) -> None:
-    """Weights, optimizer, scheduler, RNG and data position, written to a temp dir and renamed into place."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
-    try:
+def run_fingerprint(cfg: TrainConfig, model_path: str, base, model, train_ex: list[dict], world: int) -> dict:
+    """What makes a checkpoint belong to a run: base model, data (as tokens), method and options, tensor shapes,
+    batch geometry. Stored in every checkpoint's manifest and compared on resume."""
+    h = hashlib.sha256()
+    for e in train_ex:  # the tokens actually trained on: covers the file, the tokenizer, max_length and packing
+        for k in ("input_ids", "labels", "label"):
+            if k in e:
+                h.update(array.array("q", e[k] if isinstance(e[k], list) else [e[k]]).tobytes() + b"|")
+        h.update(b";")
+    base_config = {k: v for k, v in base.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_COMPARED}
+    fp = {
+        "base_model": model_path,
+        "base_config": hashlib.sha256(json.dumps(base_config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        "data": h.hexdigest()[:16], "world_size": world, **options,
+        "shapes": {n: list(p.shape) for n, p in _trainable(model).items()},
+    }
+    return json.loads(json.dumps(fp, default=str))  # as it will read back from the manifest
+
+
+def check_resume(saved: dict, current: dict, directory: str, log: Callable[[str], None]) -> None:
+    """Refuse a checkpoint of another run, naming the first field that differs; log the options that changed."""
+    for key in [*current, *(k for k in saved if k not in current)]:  # the base model first, the shapes last
+        if key in RESUMABLE or saved.get(key) == current.get(key):
+            continue
+        if key == "shapes" and isinstance(saved.get(key), dict):
+            a, b = saved[key], current[key]
+            name = next((n for n in sorted(a.keys() | b.keys()) if a.get(n) != b.get(n)), "?")
+            raise ValueError(f"resume: {directory} belongs to another run: trained tensor {name!r} has shape "
+                             f"{a.get(name)} in the checkpoint, {b.get(name)} here")
+        raise ValueError(f"resume: {directory} belongs to another run: {key} was {saved.get(key)!r}, "
+                         f"now {current.get(key)!r}")
+    changed = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUMABLE if saved.get(k) != current.get(k)]
+    if changed:
+        log("resume: changed " + ", ".join(changed))
+
+
+def save_checkpoint(model, opt, sched, state: dict, directory: str, fingerprint: dict | None = None) -> None:
+    """Weights, optimizer, scheduler, RNG and data position, committed as one directory with the run's fingerprint."""
+
+    def fill(tmp: str) -> None:
         checkpoint.save_weights(_trainable(model), tmp)
         blob = {
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         }
         torch.save(blob, os.path.join(tmp, STATE_NAME))
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    storage.commit_dir(directory, fill, "checkpoint", run=fingerprint, step=state["step"])
 
 
-def load_checkpoint(model, opt, sched, directory: str) -> dict:
+def load_checkpoint(model, opt, sched, directory: str, fingerprint: dict | None = None,
+                    log: Callable[[str], None] = print) -> dict:
+    """Restore a checkpoint made by this run; a directory that is incomplete or from another run is refused."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"resume: checkpoint directory not found: {directory}")
     if not os.path.isfile(os.path.join(directory, STATE_NAME)):
-        raise FileNotFoundError(f"--resume {directory}: no {STATE_NAME}; pass a checkpoint-N directory of a run")
+        raise FileNotFoundError(f"resume: {directory} has no {STATE_NAME}; pass a checkpoint-N directory of a run")
+    manifest = storage.verify(directory, "checkpoint")
+    if fingerprint is not None:
+        check_resume(manifest.get("run") or {}, fingerprint, directory, log)
     checkpoint.copy_into(_trainable(model), checkpoint.read_weights(directory), directory)
     blob = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
@@ -322,9 +367,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     random.seed(cfg.seed)
     ds = load_data(cfg.data, cfg.task, cfg.labels)
     if cfg.model is None and ds.kind != "cls":
-        raise ValueError("--model is needed for chat/text data: the bundled model is an encoder (classification only)")
+        raise ValueError("model is needed for chat/text data: the bundled model is an encoder (classification only)")
     model_path = cfg.model or bundled_model()
     out_dir = cfg.output_dir or os.path.join("runs", f"{ds.name if ds.name in ('sentiment', 'topic', 'intent', 'chat') else 'data'}-{cfg.method}")
+    # Before any heavy work: never write over another run, the base model, the data or the working directory. A run
+    # resuming from one of its own checkpoints continues in its directory.
+    storage.clean_stale(os.path.dirname(os.path.abspath(out_dir)))
+    own_resume = bool(cfg.resume) and storage.inside(os.path.realpath(cfg.resume), os.path.realpath(out_dir))
+    storage.check_output_dir(out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data},
+                             allow_nonempty=own_resume)
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -340,10 +391,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     train_ex, n_trunc = encode(ds, "train", tok, cfg.max_length, cfg.train_on_prompt)
     eval_ex, n_trunc_eval = encode(ds, "eval", tok, cfg.max_length, cfg.train_on_prompt)
     if n_trunc or n_trunc_eval:
-        log(f"truncated to --max-length {cfg.max_length}: {n_trunc} train and {n_trunc_eval} eval sequences")
+        log(f"truncated to max_length {cfg.max_length}: {n_trunc} train and {n_trunc_eval} eval sequences")
     if cfg.packing:
         if ds.kind != "lm":
-            raise ValueError("--packing applies to causal-LM data, not classification")
+            raise ValueError("packing applies to causal-LM data, not classification")
         train_ex = pack(train_ex, cfg.max_length)
     lengths = [len(e["input_ids"]) for e in train_ex]
     micro_global = cfg.batch_size * world  # one micro-batch across all ranks
@@ -377,9 +428,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     state = {"step": 0, "epoch": 0, "batch": 0, "best_eval": float("inf"), "bad_evals": 0, "tokens": 0}
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics: list[dict] = []
+    fingerprint = run_fingerprint(cfg, model_path, base, model, train_ex, world)
     if cfg.resume:
-        state = load_checkpoint(model, opt, sched, cfg.resume)
-        if os.path.exists(metrics_path):
+        state = load_checkpoint(model, opt, sched, cfg.resume, fingerprint, log)
+        # The checkpoint's optimizer carries its own lr and weight decay: a resumed run uses this run's values.
+        sched.base_lrs = [lr for _ in opt.param_groups]
+        for g in opt.param_groups:
+            g["initial_lr"], g["weight_decay"] = lr, cfg.weight_decay
+            g["lr"] = lr * lr_factor(sched.last_epoch, total, warmup_steps, cfg.schedule)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if own_resume and os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
         log(f"resumed from {cfg.resume} at step {state['step']}")
@@ -387,8 +445,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
         metrics.append({"step": 0, **state["before"]})
         log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
-    if main_proc:
-        os.makedirs(out_dir, exist_ok=True)
+    if main_proc and not own_resume:  # a fresh run directory (an old smolpeft output goes only under overwrite)
+        storage.commit_dir(out_dir, lambda _: None, "run", RUN_PATTERNS, complete=False)
 
     # --- train -------------------------------------------------------------------------------------------------
     model.train()
@@ -448,10 +506,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
             if record:
                 metrics.append(record)
                 if main_proc:  # rewritten whole, so a resumed run never duplicates steps
-                    checkpoint.atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())
+                    storage.atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())
             if cfg.save_every and step % cfg.save_every == 0 and step != total:
                 if main_proc:
-                    save_checkpoint(model, opt, sched, state, os.path.join(out_dir, f"checkpoint-{step}"))
+                    save_checkpoint(model, opt, sched, state, os.path.join(out_dir, f"checkpoint-{step}"), fingerprint)
                 _barrier(world)
             if on_step:
                 on_step(step)
@@ -477,11 +535,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "fsdp_local_base_elements": fsdp_local, "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": state.get("before"), "after": after,
     }
     if main_proc:
-        checkpoint.atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics).encode())
-        model.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
-        plot_curves(metrics, os.path.join(out_dir, "training_curve.png"), f"{cfg.method} on {ds.name}")
-        checkpoint.atomic_write(os.path.join(out_dir, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+        def fill(tmp: str) -> None:  # the whole run directory, committed at once: adapter, config, labels, metrics
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if ds.kind == "cls":
+                storage.write_labels(tmp, ds.labels)
+            storage.atomic_write(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics).encode())
+            plot_curves(metrics, os.path.join(tmp, "training_curve.png"), f"{cfg.method} on {ds.name}")
+            storage.atomic_write(os.path.join(tmp, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+
+        storage.commit_dir(out_dir, fill, "run", RUN_PATTERNS, keep=["checkpoint-*"], run=fingerprint, complete=True)
     _barrier(world)
     log("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
     return summary

@@ -1,6 +1,7 @@
 """Experiments on tiny models: the sweep table and plots, and the prompt-init comparison with its task matrix."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -47,3 +48,23 @@ def test_compare_init_matrix_and_switching(tmp_path):
     assert all(b < out["serving"]["full_model_bytes"] for b in out["serving"]["adapter_bytes"].values())
     for f in ("init_results.md", "init_results.csv", "serving.md", "init_comparison.png", "task_matrix.png"):
         assert (tmp_path / "r" / f).stat().st_size > 0
+
+
+def test_report_dirs_are_never_mixed_or_destroyed(lm, tmp_path):
+    import os
+
+    from smolpeft import storage
+
+    base = TrainConfig(model=str(lm / "base"), data=str(lm / "pc.jsonl"), max_steps=1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("a user's file")
+    for overwrite, msg in [(False, "is not empty"), (True, "is not a smolpeft output")]:
+        with pytest.raises(ValueError, match=msg):  # refused before any training
+            sweep(dataclasses.replace(base, overwrite=overwrite), str(tmp_path / "mine"), log=lambda *_: None)
+    # an old report whose runs/ holds a user's directory is not replaced, even with overwrite
+    storage.commit_dir(tmp_path / "old", lambda d: os.makedirs(os.path.join(d, "runs", "x")), "report",
+                       ["results.*", "runs"])
+    (tmp_path / "old/runs/x/notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="runs/x is not a smolpeft output"):
+        compare_init(dataclasses.replace(base, overwrite=True), str(tmp_path / "old"), log=lambda *_: None)
+    assert (tmp_path / "mine/notes.txt").exists() and (tmp_path / "old/runs/x/notes.txt").exists()
