@@ -7,7 +7,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from typing import Any
 
 import torch
@@ -19,29 +18,10 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import WEIGHTS_NAME, LoraConfig
 from .lora import LoraLayer, _pattern_value, _shape, resolve_targets
+from .storage import atomic_write
 
 BIN_NAME = "adapter_model.bin"
 _MAX_HEADER = 100 << 20  # safetensors headers are JSON; anything this large is not an adapter
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file. The file gets the
-    usual permissions (0666 less the umask), not mkstemp's 0600, so a server running as another user can read it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # --- key names ---------------------------------------------------------------------------------------------------

@@ -37,9 +37,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--adapter-dir", help="POST /v1/adapters may load adapters from under this directory (else off)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("SMOLPEFT_API_KEY"),
-                   help="required as 'Authorization: Bearer KEY' (default: $SMOLPEFT_API_KEY, else no key)")
+    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (or --api-key-file, or $SMOLPEFT_API_KEY)")
+    p.add_argument("--api-key-file", help="read the key from this file: keeps it out of the process list")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 above)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: the model's context)")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests waiting for a batch slot (429 above)")
     p.add_argument("--quantize", choices=["nf4"], help="load the base in 4-bit NF4 (bitsandbytes)")
 
 
@@ -53,7 +56,8 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--adapter takes NAME=PATH, got {spec!r}")
         adapters[name] = path
     serve(args.model, adapters, adapter_dir=args.adapter_dir, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, quantize=args.quantize)
+          max_batch=args.max_batch, quantize=args.quantize, api_key_file=args.api_key_file,
+          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_waiting=args.max_waiting)
     return 0
 
 

@@ -75,7 +75,7 @@ class _Base:
         return {"peft_type": self.peft_type.value, **d}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from .checkpoint import atomic_write
+        from .storage import atomic_write
 
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write(os.path.join(directory, CONFIG_NAME), text.encode())

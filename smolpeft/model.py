@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, lora
+from . import checkpoint, lora, storage
 from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
 from .lora import BASE, AdapterState, LoraLayer
 from .prompt import PromptEmbedding, prepend
@@ -517,8 +517,11 @@ class _AutoPeftModel:
         if not config.base_model_name_or_path:
             raise ValueError(f"{path}/adapter_config.json has no base_model_name_or_path; load the base yourself")
         if cls._auto_name == "AutoModelForSequenceClassification" and "num_labels" not in kwargs:
+            names = storage.read_labels(path)  # label names saved beside the adapter by smolpeft
             heads = checkpoint.head_shapes(path)
-            if heads:
+            if names:
+                kwargs |= dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+            elif heads:
                 kwargs["num_labels"] = heads[-1][0]  # the trained head's last layer says how many labels there are
         base = getattr(transformers, cls._auto_name).from_pretrained(config.base_model_name_or_path, **kwargs)
         return PeftModel.from_pretrained(base, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config)

@@ -312,6 +312,10 @@ def test_cli_serve(srv):
     """`smolpeft serve` in a subprocess: loopback by default, adapters from NAME=PATH, answers the openai client."""
     args = build_parser().parse_args(["serve", "--model", "m", "--adapter", "x=/p", "--adapter", "y=/q"])
     assert (args.host, args.port, args.adapter, args.quantize) == ("127.0.0.1", 8000, ["x=/p", "y=/q"], None)
+    assert (args.api_key, args.max_body_bytes, args.max_prompt_tokens, args.max_waiting) == (None, 4 * 2**20, None, 256)
+    args = build_parser().parse_args(["serve", "--model", "m", "--api-key-file", "k", "--max-body-bytes", "100",
+                                      "--max-prompt-tokens", "50", "--max-waiting", "3"])
+    assert (args.api_key_file, args.max_body_bytes, args.max_prompt_tokens, args.max_waiting) == ("k", 100, 50, 3)
     port = _free_port()
     cmd = [sys.executable, "-m", "smolpeft", "serve", "--model", srv.base, "--adapter", f"a={srv.dir / 'adapters' / 'a'}",
            "--port", str(port), "--max-batch", "2"]
