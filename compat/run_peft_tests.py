@@ -167,12 +167,12 @@ class _MissingMeta(type):
         cls._touch()
         return missing(f"{cls._path}.{name}")
 
+    # isinstance/issubclass against a class the library lacks answer False, which is true of the library's objects
+    # (PEFT's tests branch on other methods' configs this way), so these checks do not fail a test.
     def __instancecheck__(cls, obj: Any) -> bool:
-        cls._touch()
         return False
 
     def __subclasscheck__(cls, sub: Any) -> bool:
-        cls._touch()
         return False
 
 
