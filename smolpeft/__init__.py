@@ -1,7 +1,16 @@
 """smolpeft: LoRA, QLoRA and prompt tuning with Hugging Face PEFT's API, object graph and adapter format."""
 
 from .checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .config import LoraConfig, PeftConfig, PeftType, PromptTuningConfig, PromptTuningInit, TaskType, load_config
+from .config import (
+    LoraConfig,
+    PeftConfig,
+    PeftType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    load_config,
+)
 from .model import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -39,6 +48,7 @@ __all__ = [
     "PeftType",
     "PeftWarning",
     "PromptEmbedding",
+    "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",

@@ -1,18 +1,28 @@
-"""Adapter configs: dataclasses with Hugging Face PEFT's field names, defaults and JSON form."""
+"""Adapter configs: dataclasses with Hugging Face PEFT's field names, defaults, JSON form and loading API."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.metadata
 import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from .storage import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+
+# Written as `peft_version`, as PEFT does with its own version; the local part says which library wrote the file
+# and keeps the string a valid PEP 440 version for readers that parse it.
+try:
+    __version__ = importlib.metadata.version("smolpeft") + "+smolpeft"
+except importlib.metadata.PackageNotFoundError:
+    __version__ = "0.0.0+smolpeft"
 
 
 class PeftType(str, enum.Enum):
@@ -21,8 +31,13 @@ class PeftType(str, enum.Enum):
 
 
 class TaskType(str, enum.Enum):
-    CAUSAL_LM = "CAUSAL_LM"
+    """PEFT's task vocabulary; the model classes say which of these they can build."""
+
     SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
@@ -32,83 +47,197 @@ class PromptTuningInit(str, enum.Enum):
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
 
 
-# target_modules=None resolves through this table, keyed by `model.config.model_type`.
+class AdapterNotFoundError(FileNotFoundError, ValueError):
+    """No adapter_config.json: a FileNotFoundError, and the ValueError that PEFT raises in the same place."""
+
+
+# target_modules=None resolves through this table, keyed by `model.config.model_type` (PEFT's defaults for LoRA).
 DEFAULT_TARGETS: dict[str, list[str]] = {
     **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt"],
+        "llama llama4 mistral mixtral qwen2 qwen3 gemma gemma2 gemma3_text phi3 opt gptj gpt_neo stablelm".split(),
         ["q_proj", "v_proj"],
     ),
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta"], ["query", "value"]),
-    **dict.fromkeys(["gpt_neox", "falcon"], ["query_key_value"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
+    "deberta-v2": ["query_proj", "value_proj"],
+    **dict.fromkeys(["gpt_neox", "falcon", "bloom"], ["query_key_value"]),
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
 }
 
-# PEFT fields that change the math when set; we refuse them rather than silently computing something else.
-_UNSUPPORTED_IF_SET = {"use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "trainable_token_indices"}
+
+def _get_commit_hash(package: str) -> str | None:
+    """The git commit of a package installed from a VCS url (pip's direct_url.json), else None."""
+    dist = importlib.metadata.distribution(package)
+    for path in dist.files or []:
+        if path.name == "direct_url.json":
+            return json.loads(dist.locate_file(path).read_text()).get("vcs_info", {}).get("commit_id")
+    return None
 
 
-# Fields PEFT writes with these values that mean "feature off" (or only record PEFT's version).
-_PEFT_BOOKKEEPING = {"peft_type": None, "peft_version": None, "auto_mapping": None, "megatron_core": "megatron.core", "qalora_group_size": 16}
-
-
-def _is_off(key: str, value: Any) -> bool:
-    if key in _PEFT_BOOKKEEPING:
-        return _PEFT_BOOKKEEPING[key] in (None, value)
-    return value in (None, False, {}, [])
+def _current_version() -> str:
+    if ".dev" not in __version__:
+        return __version__
+    try:  # a dev version alone does not say what code wrote the file
+        commit = _get_commit_hash("smolpeft") or "UNKNOWN"
+    except Exception:
+        msg = "A dev version of PEFT is used but there was an error while trying to determine the commit hash"
+        warnings.warn(msg, stacklevel=4)
+        commit = "UNKNOWN"
+    return f"{__version__}@{commit}"
 
 
 @dataclass
-class _Base:
+class PeftConfig:
+    """Fields every adapter config has; `PeftConfig.from_pretrained(dir)` returns the subclass named by peft_type."""
+
     task_type: str | None = None
+    peft_type: str | None = None  # fixed by each subclass; accepted as a keyword because PEFT's files carry it
+    auto_mapping: dict | None = None  # kept so that a PEFT file round-trips; smolpeft does not read it
+    peft_version: str | None = None  # version of the library that wrote the config; filled in when None
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
 
+    # PEFT fields that change the math when set: accepted at their default (PEFT writes them), refused otherwise.
+    _refused: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in list(TaskType):
+            raise ValueError(
+                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {', '.join(TaskType)}."
+            )
+        if self.task_type is not None:
+            self.task_type = TaskType(self.task_type).value
+        own = _PEFT_TYPES.get(type(self))
+        if own is not None:
+            if self.peft_type not in (None, own, own.value):
+                warnings.warn(
+                    f"{type(self).__name__}: peft_type={self.peft_type!r} replaced by {own.value!r}", stacklevel=3
+                )
+            self.peft_type = own
+        if self.peft_version is None:
+            self.peft_version = _current_version()
+        defaults = {
+            f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(self)
+        }
+        bad = [f"{k}={getattr(self, k)!r}" for k in self._refused if getattr(self, k) != defaults[k]]
+        if bad:
+            raise ValueError(f"{type(self).__name__}: {', '.join(bad)} is not supported by smolpeft")
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
     def to_dict(self) -> dict[str, Any]:
+        """PEFT's `to_dict`: every field, enums as their plain string values."""
         d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, enum.Enum):
-                d[k] = v.value
-            elif isinstance(v, (set, tuple)):
-                d[k] = sorted(v)
-        return {"peft_type": self.peft_type.value, **d}
+        return {k: v.value if isinstance(v, enum.Enum) else v for k, v in d.items()}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from .storage import atomic_write
-
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(os.path.join(directory, CONFIG_NAME), text.encode())
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write `adapter_config.json` (sorted keys, as PEFT) into `save_directory`, creating it."""
+        unknown = sorted(set(kwargs) - {"auto_mapping_dict"})
+        if unknown:
+            raise TypeError(f"save_pretrained() got keyword arguments smolpeft does not support: {', '.join(unknown)}")
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        d = self.to_dict()
+        if kwargs.get("auto_mapping_dict") is not None:
+            d["auto_mapping"] = kwargs["auto_mapping_dict"]
+        d = {k: sorted(v) if isinstance(v, (set, tuple)) else v for k, v in d.items()}
+        atomic_write(os.path.join(save_directory, CONFIG_NAME), json.dumps(d, indent=2, sort_keys=True).encode())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> LoraConfig | PromptTuningConfig:
-        return load_config(os.path.join(directory, subfolder) if subfolder else directory)
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The raw dict in a config file, without `runtime_config` (PEFT never restores runtime settings)."""
+        with open(path_json_file, encoding="utf-8") as f:
+            d = json.load(f)
+        if "runtime_config" in d:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored.", stacklevel=2)
+            del d["runtime_config"]
+        return d
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """Build the config class that `peft_type` names (or `cls` without one); unknown fields warn and drop."""
+        if "peft_type" not in kwargs and cls is PeftConfig:
+            raise TypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}."
+            )
+        return config_from_dict(kwargs, source=cls.__name__, default=cls)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Load `adapter_config.json` from a directory or a Hub repo; the class comes from its peft_type."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"revision"}  # revision selects the Hub commit
+        class_kwargs = {k: v for k, v in kwargs.items() if k in fields}
+        hub_kwargs = {k: v for k, v in kwargs.items() if k not in fields}
+        path = config_file(pretrained_model_name_or_path, subfolder, **hub_kwargs)
+        d = cls.from_json_file(path)
+        if "peft_type" not in d:
+            raise TypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}."
+            )
+        return config_from_dict({**class_kwargs, **d}, source=path, default=cls)
 
 
 @dataclass
-class LoraConfig(_Base):
+class LoraConfig(PeftConfig):
     """LoRA: W x + (lora_alpha / r) · B A x, with B (out×r) zero-initialised so training starts at the base model."""
 
     r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None  # list: exact or dotted-suffix names; str: full-match regex
     exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False  # set automatically for GPT-2's Conv1D; kept for config compatibility
     bias: str = "none"
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
-    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "olora"
     modules_to_save: list[str] | None = None  # whole modules trained and saved next to the adapter
+    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "olora"
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    fan_in_fan_out: bool = False  # set automatically for GPT-2's Conv1D; kept for config compatibility
+    # PEFT features smolpeft does not implement: accepted only at these "off" values (see _refused).
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"  # only read by PEFT together with megatron_config
+    trainable_token_indices: list[int] | dict | None = None
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    use_dora: bool = False
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16  # only read by PEFT together with use_qalora
+    monteclora_config: dict | None = None
+    layer_replication: list[tuple[int, int]] | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
 
-    @property
-    def peft_type(self) -> PeftType:
-        return PeftType.LORA
+    _refused: ClassVar[tuple[str, ...]] = (
+        "megatron_config", "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
+        "lora_bias", "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -122,79 +251,123 @@ class LoraConfig(_Base):
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, got {v!r}")
-        if isinstance(self.target_modules, (set, tuple)):
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        # PEFT turns name lists into sets (order means nothing); we keep sorted lists, so JSON and errors are stable.
+        if isinstance(self.target_modules, (list, set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if isinstance(self.layers_to_transform, int):
+        if isinstance(self.exclude_modules, (list, set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):  # PEFT keeps the int; lora.py matches against a list
             self.layers_to_transform = [self.layers_to_transform]
-        if self.task_type is not None:
-            self.task_type = TaskType(self.task_type).value
+        if self.layer_replication is not None and not self.layer_replication:
+            self.layer_replication = None
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 @dataclass
-class PromptTuningConfig(_Base):
-    """Prompt tuning: `num_virtual_tokens` trainable embeddings prepended to every input."""
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by PEFT's prompt-learning methods; smolpeft implements one of them, prompt tuning."""
 
-    num_virtual_tokens: int | None = None
-    prompt_tuning_init: str = PromptTuningInit.RANDOM.value
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
+    num_virtual_tokens: int | None = None  # None only until the config is used: PEFT builds it without one too
     token_dim: int | None = None  # filled from the model; checked when loading
     num_transformer_submodules: int | None = None  # always 1 here (decoder-only or encoder-only models)
     num_attention_heads: int | None = None
     num_layers: int | None = None
+    modules_to_save: list[str] | None = None  # PEFT writes the classifier head here for SEQ_CLS
 
     @property
-    def peft_type(self) -> PeftType:
-        return PeftType.PROMPT_TUNING
+    def is_prompt_learning(self) -> bool:
+        return True
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning: `num_virtual_tokens` trainable embeddings prepended to every input."""
+
+    prompt_tuning_init: str = PromptTuningInit.RANDOM.value
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None  # only with prompt_tuning_init="TEXT"; smolpeft refuses it (see _refused)
+
+    _refused: ClassVar[tuple[str, ...]] = ("tokenizer_kwargs",)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+        if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
+            raise ValueError("tokenizer_kwargs only valid when using prompt_tuning_init='TEXT'.")
+        super().__post_init__()
+        if self.num_virtual_tokens is not None and (
+            not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0
+        ):
             raise ValueError(
                 f"PromptTuningConfig.num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}"
             )
         self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init).value
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
-            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
-        if self.task_type is not None:
-            self.task_type = TaskType(self.task_type).value
+            raise ValueError(
+                "prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path, got "
+                f"prompt_tuning_init_text={self.prompt_tuning_init_text!r}, tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
+            )
 
 
-PeftConfig = LoraConfig | PromptTuningConfig
-_CLASSES = {PeftType.LORA.value: LoraConfig, PeftType.PROMPT_TUNING.value: PromptTuningConfig}
+_PEFT_TYPES: dict[type, PeftType] = {LoraConfig: PeftType.LORA, PromptTuningConfig: PeftType.PROMPT_TUNING}
+_CLASSES: dict[str, type[PeftConfig]] = {t.value: c for c, t in _PEFT_TYPES.items()}
 
 
-def config_from_dict(d: dict[str, Any], source: str = "config") -> PeftConfig:
-    """Build a config from PEFT's JSON form; unknown fields are dropped with one warning."""
+def config_from_dict(d: dict[str, Any], source: str = "config", default: type[PeftConfig] | None = None) -> PeftConfig:
+    """Build the config that `d["peft_type"]` names (else `default`); unknown fields are dropped with one warning."""
     peft_type = d.get("peft_type")
-    if peft_type not in _CLASSES:
+    peft_type = peft_type.value if isinstance(peft_type, enum.Enum) else peft_type
+    cls = _CLASSES.get(peft_type) if peft_type is not None else default
+    if cls is None or cls is PeftConfig:
         raise ValueError(f"{source}: peft_type={peft_type!r} is not supported; expected one of {sorted(_CLASSES)}")
-    cls = _CLASSES[peft_type]
     known = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(k for k in _UNSUPPORTED_IF_SET if d.get(k))
-    if bad:
-        raise ValueError(f"{source}: {', '.join(f'{k}={d[k]!r}' for k in bad)} is not supported by smolpeft")
-    # PEFT writes every field it has; the ones that are off (None/False/empty) carry no information.
-    unknown = sorted(k for k, v in d.items() if k not in known and not _is_off(k, v))
+    unknown = sorted(k for k in d if k not in known)
     if unknown:
-        warnings.warn(f"{source}: ignoring fields smolpeft does not use: {', '.join(unknown)}", stacklevel=3)
+        # PEFT's message (its tests match the start), then ours: a newer PEFT may write fields we do not know.
+        warnings.warn(
+            f"Unexpected keyword arguments {unknown} for class {cls.__name__}, these are ignored. "
+            f"{source}: ignoring fields {', '.join(unknown)}",
+            stacklevel=3,
+        )
     try:
         return cls(**{k: v for k, v in d.items() if k in known})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from e
 
 
+def config_file(path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> str:
+    """Path of adapter_config.json in a local directory, else downloaded from the Hub repo `path`."""
+    local = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isfile(os.path.join(local, CONFIG_NAME)):
+        return os.path.join(local, CONFIG_NAME)
+    if os.path.isdir(local):
+        raise AdapterNotFoundError(
+            f"{os.path.join(local, CONFIG_NAME)} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(str(path), CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+    except Exception as e:
+        raise AdapterNotFoundError(f"Can't find '{CONFIG_NAME}' at '{path}' (not a local directory; Hub: {e})") from e
+
+
 def load_config(directory: str | os.PathLike) -> PeftConfig:
+    """The config in a local adapter directory, with errors that name the file."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"adapter directory not found: {directory}")
+        raise AdapterNotFoundError(f"adapter directory not found: {directory}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterNotFoundError(f"{path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = PeftConfig.from_json_file(path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(d, dict):
