@@ -103,6 +103,30 @@ def _live(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor]) 
     return {k: v for k, v in live.items() if k in own or k in loaded}
 
 
+_ADAPTER_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|modules_to_save)(\.|$)")
+
+
+def _original_key(key: str) -> str:
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict under its own keys, as before any adapter was injected (no adapter tensors)."""
+    state = model.get_base_model().state_dict()
+    return {_original_key(k): v for k, v in state.items() if not _ADAPTER_PART.search(k)}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> _IncompatibleKeys:
+    """Load a state dict with the base model's own keys into the wrapped base (adapters untouched)."""
+    inner = model.get_base_model()
+    live = {_original_key(k): k for k in inner.state_dict() if not _ADAPTER_PART.search(k)}
+    missing, unexpected = sorted(set(live) - set(state_dict)), sorted(set(state_dict) - set(live))
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"base state dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    inner.load_state_dict({live[k]: v for k, v in state_dict.items() if k in live}, strict=False)
+    return _IncompatibleKeys(missing, unexpected)
+
+
 def set_peft_model_state_dict(
     model: nn.Module,
     peft_model_state_dict: dict[str, torch.Tensor],

@@ -1,4 +1,3 @@
-"""PEFT's module paths `peft.mapping` / `peft.mapping_func`: thin re-exports."""
+"""PEFT's module path `peft.mapping_func`: a thin re-export."""
 
 from .model import get_peft_model  # noqa: F401
-from .tuner import inject_adapter_in_model  # noqa: F401

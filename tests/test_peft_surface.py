@@ -234,3 +234,20 @@ def test_push_to_hub_uploads_the_adapter_only(monkeypatch, tmp_path):
     assert calls["repo"] == "me/adapter" and calls["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     base_bytes = sum(p.numel() * p.element_size() for p in ours.get_base_model().parameters())
     assert calls["bytes"] < base_bytes / 10
+
+
+def test_base_model_state_dict_round_trip_matches_peft():
+    ours, theirs = _pair()
+    a = smolpeft.utils.get_base_model_state_dict(ours)
+    b = peft.utils.get_base_model_state_dict(theirs)
+    assert a.keys() == b.keys() == tiny.llama().state_dict().keys()
+    fresh = {k: torch.randn_like(v) for k, v in a.items()}
+    smolpeft.utils.set_base_model_state_dict(ours, fresh)
+    assert all(torch.equal(v, fresh[k]) for k, v in smolpeft.utils.get_base_model_state_dict(ours).items())
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        smolpeft.utils.set_base_model_state_dict(ours, fresh | {"nope": torch.zeros(1)})
+    parent, target, name = smolpeft.utils._get_submodules(ours.get_base_model(), "model.layers.0.self_attn.q_proj")
+    assert target is parent.q_proj and name == "q_proj"
+    from smolpeft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[smolpeft.PeftType.LORA] is smolpeft.LoraConfig
