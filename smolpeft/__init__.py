@@ -1,6 +1,12 @@
 """smolpeft: LoRA, QLoRA and prompt tuning with Hugging Face PEFT's API, object graph and adapter format."""
 
-from .checkpoint import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .checkpoint import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .config import (
     LoraConfig,
     PeftConfig,
@@ -53,7 +59,9 @@ __all__ = [
     "PromptTuningInit",
     "TaskType",
     "get_peft_model",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
+    "set_base_model_state_dict",
     "inject_adapter_in_model",
     "load_config",
     "load_peft_weights",

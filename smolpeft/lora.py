@@ -243,7 +243,8 @@ class LoraLayer(nn.Module):
         W = dense_weight(self.base_layer) if quantized else self.base_layer.weight.data
         new = W.to(delta.dtype) + delta if quantized else (W.clone() if safe else W).add_(delta)
         if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights; the layer was left unmerged")
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                             "(the layer was left unmerged)")
         if quantized or safe:
             self.set_base_weight(new)
         self.merged_adapters.append(name)

@@ -21,11 +21,16 @@ from . import checkpoint, lora, storage
 from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
 from .lora import BASE, AdapterState, LoraLayer
 from .prompt import PromptEmbedding, prepend
+from .surface import refuse
 from .tuner import CLS_HEADS, LoraModel
 
 # Keyword arguments of from_pretrained/load_adapter that only choose where the files come from.
 _HUB_KWARGS = {"subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "use_auth_token"}
 
+
+
+class NoWeightsError(ValueError, AttributeError):
+    """A LoRA-only operation on a prompt-tuning model (PEFT raises AttributeError there: both catch it)."""
 
 
 def _check_kwargs(where: str, kwargs: dict[str, Any], allowed: set[str]) -> None:
@@ -46,6 +51,7 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ):
         super().__init__()
+        refuse(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         self._setup(model, isinstance(peft_config, LoraConfig), adapter_name, autocast_adapter_dtype)
@@ -72,6 +78,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
+        refuse(peft_config)
         kind = PromptTuningConfig if self._is_prompt() else LoraConfig
         if not isinstance(peft_config, kind):
             have = "PROMPT_TUNING" if self._is_prompt() else "LORA"
@@ -246,7 +253,7 @@ class PeftModel(nn.Module):
 
     def _lora(self, what: str) -> LoraModel:
         if self._is_prompt():
-            raise ValueError(f"{what} applies to LoRA adapters; prompt tuning has no weights to merge")
+            raise NoWeightsError(f"{what} applies to LoRA adapters; prompt tuning has no weights to merge")
         return self.base_model
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -427,6 +434,30 @@ class PeftModel(nn.Module):
         t, n = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}")
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for these adapters' tensors (LoRA only, as in PEFT)."""
+        if self._is_prompt():
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like PROMPT_TUNING.")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_known(name)
+            for p in self.base_model.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapter is an additive W + ΔW update that can be written as LoRA: it already is, for LoRA."""
+        return not self._is_prompt()
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Let gradients reach checkpointed blocks through frozen embeddings (not needed for quantized models,
+        which prepare_model_for_kbit_training handles)."""
+        if not any(getattr(model, a, False) for a in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+        return model
+
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt() else self.base_model.model
 
@@ -497,6 +528,7 @@ def get_peft_model(
     """Inject a fresh adapter into `model` (in place) and return the wrapping PeftModel (of the config's task)."""
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel) is not supported by smolpeft")
+    refuse(peft_config)
     peft_config = copy.copy(peft_config)
     if revision is not None:
         peft_config.revision = revision

@@ -24,12 +24,21 @@ UNSUPPORTED_CONFIGS = [
 
 
 def unsupported(name: str) -> type:
-    """A stand-in class for PEFT's `name` that refuses to be instantiated."""
+    """A stand-in for PEFT's class `name`. It can be built (PEFT's tests and scripts build configs at import time),
+    but any model operation refuses it: see `refuse`."""
 
     def __init__(self, *args, **kwargs):
-        raise NotImplementedError(f"{name} is a PEFT feature smolpeft does not implement; smolpeft supports {SUPPORTED}")
+        self.args, self.kwargs = args, kwargs
 
-    return type(name, (), {"__init__": __init__, "__doc__": f"Not supported by smolpeft: {name}."})
+    return type(name, (), {"__init__": __init__, "unsupported": True, "__doc__": f"Not supported by smolpeft: {name}."})
+
+
+def refuse(config: object) -> None:
+    """Raise for a config of a PEFT method smolpeft does not implement."""
+    if getattr(config, "unsupported", False) or not hasattr(config, "peft_type"):
+        raise NotImplementedError(
+            f"{type(config).__name__} is a PEFT feature smolpeft does not implement; smolpeft supports {SUPPORTED}"
+        )
 
 
 class PeftWarning(UserWarning):
