@@ -210,6 +210,10 @@ class PeftModel(nn.Module):
                 )
                 input_ids = None
             args = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
+            from .loss import causal_lm_forward, lean_applies
+
+            if labels is not None and lean_applies(self.get_base_model(), kwargs):  # chunked loss, lazy logits
+                return causal_lm_forward(self.get_base_model(), **args, **kwargs)
             return self.base_model(**{k: v for k, v in args.items() if v is not None}, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
