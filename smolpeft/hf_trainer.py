@@ -24,7 +24,9 @@ _SCRATCH = "_smolpeft_resume"
 
 def unwrap(model: nn.Module | None) -> PeftModel | None:
     """The smolpeft PeftModel inside DDP/accelerate wrappers, or None for any other model."""
-    while model is not None and not isinstance(model, PeftModel) and isinstance(getattr(model, "module", None), nn.Module):
+    while (
+        model is not None and not isinstance(model, PeftModel) and isinstance(getattr(model, "module", None), nn.Module)
+    ):
         model = model.module
     return model if isinstance(model, PeftModel) else None
 
@@ -66,6 +68,10 @@ class AdapterCheckpoints:
     """
 
     def __init__(self, *args, **kwargs):
+        model = unwrap(kwargs.get("model", args[0] if args else None))
+        if model is not None and getattr(model, "is_quantized", False):
+            # transformers lets a quantized (QLoRA) model train only when it sees adapters attached to it
+            model._hf_peft_config_loaded = True
         super().__init__(*args, **kwargs)
         model = unwrap(self.model)
         if model is not None and self.args.gradient_checkpointing:

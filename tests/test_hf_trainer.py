@@ -25,10 +25,20 @@ def data(lm):
 
 def _trainer(lm, data, out, model=None, cls=Trainer, **kw):
     tok, ds = data
-    model = model or smolpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(lm / "base"), smolpeft.LoraConfig(**LORA))
+    model = model or smolpeft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(lm / "base"), smolpeft.LoraConfig(**LORA)
+    )
     kw = {"max_steps": 4} | kw
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, save_steps=2,
-                             logging_steps=1, learning_rate=1e-2, report_to="none", seed=0, **kw)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        save_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        seed=0,
+        **kw,
+    )
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     return cls(model=model, args=args, train_dataset=ds, data_collator=collator, processing_class=tok)
 
@@ -52,7 +62,9 @@ def test_checkpoints_are_adapters_and_resume(lm, data, tmp_path):
     full.model.eval()
     with torch.no_grad():
         want = full.model(input_ids=ids).logits
-        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm / "base"), tmp_path / "checkpoint-4")
+        theirs = peft.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(lm / "base"), tmp_path / "checkpoint-4"
+        )
         torch.testing.assert_close(theirs(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
 
     # resuming from checkpoint-2 (into a freshly initialised adapter) ends where the uninterrupted run did

@@ -34,8 +34,16 @@ def chat(lm):
 
 
 def _args(out, **kw):
-    base = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, logging_steps=1, save_steps=2,
-                learning_rate=1e-2, report_to="none", bf16=False)  # fp32: TRL's default bf16 autocast is slow on CPU
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_steps=2,
+        learning_rate=1e-2,
+        report_to="none",
+        bf16=False,
+    )  # fp32: TRL's default bf16 autocast is slow on CPU
     return trl.SFTConfig(**(base | kw))
 
 
@@ -58,16 +66,30 @@ def test_course_notebook_runs_with_smolpeft_imports(lm, chat, tmp_path):
 
     tokenizer, dataset = chat
     model = AutoModelForCausalLM.from_pretrained(lm / "base")
-    peft_config = LoraConfig(r=6, lora_alpha=8, lora_dropout=0.05, bias="none", target_modules="all-linear",
-                             task_type="CAUSAL_LM")
-    args = SFTConfig(
-        output_dir=str(tmp_path / "ft"), num_train_epochs=1, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, packing=True, gradient_checkpointing=True, optim="adamw_torch_fused",
-        learning_rate=2e-4, max_grad_norm=0.3, warmup_steps=0.03, lr_scheduler_type="constant", logging_steps=10,
-        save_strategy="epoch", bf16=torch.cuda.is_available(), push_to_hub=False, report_to="none",
+    peft_config = LoraConfig(
+        r=6, lora_alpha=8, lora_dropout=0.05, bias="none", target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, peft_config=peft_config,
-                         processing_class=tokenizer)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "ft"),
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        packing=True,
+        gradient_checkpointing=True,
+        optim="adamw_torch_fused",
+        learning_rate=2e-4,
+        max_grad_norm=0.3,
+        warmup_steps=0.03,
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        save_strategy="epoch",
+        bf16=torch.cuda.is_available(),
+        push_to_hub=False,
+        report_to="none",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, peft_config=peft_config, processing_class=tokenizer
+    )
     trainer.train()
     trainer.save_model()
 
@@ -86,18 +108,27 @@ def test_course_notebook_runs_with_smolpeft_imports(lm, chat, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options", [{"packing": True, "gradient_checkpointing": True}, {"assistant_only_loss": True}],
+    "options",
+    [{"packing": True, "gradient_checkpointing": True}, {"assistant_only_loss": True}],
     ids=["packing+gc", "assistant_only"],
 )
 def test_losses_equal_trl_with_peft(lm, chat, tmp_path, options):
     """Same seed, fp32: the logged losses equal TRL + peft's, and the checkpoint is an adapter peft loads."""
     tok, ds = chat
-    ours = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(lm / "base"),
-                      args=_args(tmp_path / "s", max_steps=3, **options), train_dataset=ds, processing_class=tok,
-                      peft_config=smolpeft.LoraConfig(**LORA))
-    theirs = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(lm / "base"),
-                            args=_args(tmp_path / "p", max_steps=3, **options), train_dataset=ds,
-                            processing_class=tok, peft_config=peft.LoraConfig(**LORA))
+    ours = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(lm / "base"),
+        args=_args(tmp_path / "s", max_steps=3, **options),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=smolpeft.LoraConfig(**LORA),
+    )
+    theirs = trl.SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(lm / "base"),
+        args=_args(tmp_path / "p", max_steps=3, **options),
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft.LoraConfig(**LORA),
+    )
     ours.train()
     theirs.train()
     assert _losses(ours) == _losses(theirs) and len(_losses(ours)) == 3
@@ -117,8 +148,13 @@ def test_resume_from_checkpoint_continues_the_same_run(lm, chat, tmp_path):
     tok, ds = chat
 
     def trainer(out):
-        return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(lm / "base"), args=_args(out),
-                          train_dataset=ds, processing_class=tok, peft_config=smolpeft.LoraConfig(**LORA))
+        return SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(lm / "base"),
+            args=_args(out),
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=smolpeft.LoraConfig(**LORA),
+        )
 
     full = trainer(tmp_path / "full")
     full.train()
@@ -135,14 +171,17 @@ def test_resume_from_checkpoint_continues_the_same_run(lm, chat, tmp_path):
 def test_smolpeft_model_as_model(lm, chat, tmp_path, method):
     """A PeftModel passed as `model`: TRL's fused head goes on the transformers model under the adapters."""
     tok, ds = chat
-    config = smolpeft.LoraConfig(**LORA) if method == "lora" else smolpeft.PromptTuningConfig(
-        num_virtual_tokens=4, task_type="CAUSAL_LM")
+    config = (
+        smolpeft.LoraConfig(**LORA)
+        if method == "lora"
+        else smolpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
     model = smolpeft.get_peft_model(AutoModelForCausalLM.from_pretrained(lm / "base"), config)
     trainer = SFTTrainer(model=model, args=_args(tmp_path / "o", max_steps=2), train_dataset=ds, processing_class=tok)
     assert "forward" not in vars(trainer.model) and "forward" in vars(model.get_base_model())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
-    assert all(l > 0 for l in _losses(trainer))
+    assert all(loss > 0 for loss in _losses(trainer))
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     trainer.save_model()
     ids = tok("what is 2 plus 3 ?", return_tensors="pt").input_ids
