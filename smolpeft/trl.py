@@ -69,7 +69,7 @@ def _with_adapter(a: dict, config: PeftConfig) -> PeftModel:
             init_kwargs["quantization_config"] = a.pop("quantization_config")
         init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
         model = trl_utils.create_model_from_path(model, **init_kwargs)
-        if args is not None:
-            args.model_init_kwargs = None  # used: TRL would warn that they are ignored for a loaded model
+        if getattr(args, "model_init_kwargs", None) is not None:
+            args.model_init_kwargs = None  # used here; TRL would warn that they are ignored for a loaded model
     set_seed(args.seed if args is not None else trl.SFTConfig.__dataclass_fields__["seed"].default)
     return get_peft_model(model, config)
