@@ -51,9 +51,13 @@ def step(args) -> None:
 
         steps[name] = one
     if args.mem:  # a fresh process: the allocator holds no memory from the other contender's steps
+        import resource
+
         with PeakRSS() as rss:
             steps[args.mem]()
-        print(json.dumps({"peak_step_mem_mb": rss.delta}))
+        # also the kernel's high-water mark, which a sampler starved on a loaded machine cannot miss
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss.base
+        print(json.dumps({"peak_step_mem_mb": rss.delta, "hwm_above_entry_mb": hwm}))
         return
     t = alternate(steps, args.rounds)
     mem = {}
