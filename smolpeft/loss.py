@@ -3,10 +3,19 @@ fp32 logits for the whole batch never exist at once."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections import OrderedDict
+
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE = -100
+CHUNK = 256  # positions per head matmul: chunk x vocab fp32 is the most the loss holds at once
+
+# Config attributes by which a model scales or caps its logits after the head (Gemma, Cohere, Granite, Falcon-H1,
+# MiniCPM): logits are then not hidden @ Wᵀ, so the lean loss would differ.
+_SCALED = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -45,32 +54,127 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), gw, None, None
 
 
-def _lean_ok(base: nn.Module) -> bool:
-    """Models whose logits are exactly hidden @ Wᵀ: a plain bias-free Linear head (not wrapped by an adapter), no
-    softcapping or logit scaling after it."""
-    cfg = base.config
+def lean_ok(base: nn.Module) -> bool:
+    """Causal LMs whose forward is decoder -> plain bias-free Linear head (not wrapped by an adapter) -> transformers'
+    causal-LM loss: no logit scaling or softcapping, no MoE auxiliary loss, no custom loss function."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg = getattr(base, "config", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     return (
-        hasattr(base, "get_decoder")
+        cfg is not None
+        and type(base).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        and hasattr(base, "get_decoder")
         and type(head) is nn.Linear
         and head.bias is None
-        and not getattr(cfg, "final_logit_softcapping", None)
-        and getattr(cfg, "logit_scale", 1.0) in (None, 1.0)
+        and all(getattr(cfg, k, None) in (None, 1.0) for k in _SCALED)
+        and not getattr(cfg, "output_router_logits", False)
+        and getattr(base, "loss_function", None) is LOSS_MAPPING.get("ForCausalLM")
     )
+
+
+def lean_applies(base: nn.Module, kwargs: dict) -> bool:
+    """Whether a forward with labels and these extra kwargs may take the lean path.
+
+    Only with autograd on: that is where the batch x vocab logits would be kept for backward. Without it the model's
+    own forward runs, so evaluation code that collects `outputs.items()` still finds the logits there. TRL's fused
+    head (`fused_lm_head=True`) already computes its loss lean, so those calls pass through untouched.
+    """
+    return (
+        torch.is_grad_enabled()
+        and not kwargs.get("fused_lm_head")
+        and not kwargs.get("output_router_logits")
+        and kwargs.get("return_dict", True) is not False
+        and not kwargs.get("logits_to_keep")
+        and lean_ok(base)
+    )
+
+
+class LeanCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast whose logits are computed from the last hidden state when first read (`.logits`,
+    `["logits"]`, positional indexing): code that reads only the loss never pays for batch x seq x vocab logits.
+    Until then `keys()`/`items()` list only what exists, so recursive output walkers (accelerate's fp32 cast under
+    mixed precision, DDP) do not build them either."""
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        pending = self.__dict__.pop("_pending", None)
+        if pending is not None:
+            head, hidden = pending
+            self.__dict__["_logits"] = value = head(hidden)
+            OrderedDict.__setitem__(self, "logits", value)  # then moved back to its field's place, as in transformers
+            names = [f.name for f in dataclasses.fields(self)]
+            for name in names[names.index("logits") + 1 :]:
+                if OrderedDict.__contains__(self, name):
+                    self.move_to_end(name)
+        return self.__dict__.get("_logits")
+
+    @logits.setter
+    def logits(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_logits"] = value
+
+    def __getitem__(self, k):
+        if k == "logits" or not isinstance(k, str):
+            self.logits  # noqa: B018 - reading it computes it
+        return super().__getitem__(k)
+
+    def to_tuple(self) -> tuple:
+        self.logits  # noqa: B018
+        return super().to_tuple()
+
+    def __contains__(self, key) -> bool:
+        return key == "logits" and "_pending" in self.__dict__ or super().__contains__(key)
+
+
+def causal_lm_forward(
+    base: nn.Module,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
+    chunk: int = CHUNK,
+    **kwargs,
+) -> LeanCausalLMOutput:
+    """`base(**kwargs, labels=labels)` of a transformers causal LM (see `lean_ok`), with the loss computed lean.
+
+    The loss is Σ CE(head(h_t), y_{t+1}) over labelled t, divided by `num_items_in_batch` when the Trainer passes
+    it (gradient accumulation) or else by the labelled count: exactly transformers' ForCausalLMLoss. `shift_labels`
+    are already-shifted targets, as context parallelism passes them.
+    """
+    kwargs.pop("return_dict", None)
+    kwargs.pop("logits_to_keep", None)
+    out = base.get_decoder()(**kwargs)
+    hidden = out.last_hidden_state
+    if shift_labels is None:
+        h, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        h, targets = hidden, shift_labels
+    head = base.get_output_embeddings()
+    targets = targets.to(head.weight.device)
+    keep = targets != IGNORE
+    total = LinearCrossEntropy.apply(h.to(head.weight.device)[keep], head.weight, targets[keep], chunk)
+    if num_items_in_batch is None:
+        loss = total / keep.sum().clamp(min=1)  # an all-ignored batch gives 0 (transformers: nan)
+    else:
+        loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    rest = {f.name: getattr(out, f.name, None) for f in dataclasses.fields(CausalLMOutputWithPast)[2:]}
+    output = LeanCausalLMOutput(loss=loss, **rest)
+    output.__dict__["_pending"] = (head, hidden)
+    return output
 
 
 class TrainingLoss(nn.Module):
     """Wraps the model for training: forward(**batch) returns the scalar loss (and is what DDP wraps).
 
-    For causal LMs the loss is Σ CE(head(h_t), y_{t+1}) over labelled t, divided by their count, exactly the
-    transformers loss, computed by LinearCrossEntropy in chunks of `chunk` positions.
+    For causal LMs the loss is `causal_lm_forward`'s, in chunks of `chunk` positions, with or without autograd, so
+    evaluation is lean too.
     """
 
-    def __init__(self, model: nn.Module, lean: bool = True, chunk: int = 256):
+    def __init__(self, model: nn.Module, lean: bool = True, chunk: int = CHUNK):
         super().__init__()
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.lean = lean and _lean_ok(base) and not getattr(model, "prompt_encoder", None)
+        self.lean = lean and lean_ok(base) and not getattr(model, "prompt_encoder", None)
         self.chunk = chunk
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, outputs: bool = False):
@@ -81,12 +185,5 @@ class TrainingLoss(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
             return out if outputs else out.loss
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        h, y = hidden[:, :-1][keep], targets[keep]  # the head never sees prompt or padding positions
-        head = base.get_output_embeddings()
-        total = LinearCrossEntropy.apply(h, head.weight, y, self.chunk)
-        return total / max(y.numel(), 1)
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return causal_lm_forward(base, labels, chunk=self.chunk, **batch).loss

@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint, lora, storage
 from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
 from .lora import BASE, AdapterState, LoraLayer
+from .loss import causal_lm_forward, lean_applies
 from .prompt import PromptEmbedding, prepend
 from .surface import refuse
 from .tuner import CLS_HEADS, LoraModel
@@ -220,16 +221,17 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The wrapped model's forward, with the active adapters (or one adapter per row: `adapter_names`)."""
         with self._rows(adapter_names):
-            if not self._prompt_on():
-                return self.base_model(*args, **kwargs)
-            if args:  # the first positional argument of a transformers model is input_ids
-                kwargs["input_ids"] = args[0]
-            inputs_embeds, mask, labels = self._prompt_inputs(
-                kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None),
-                kwargs.pop("labels", None), kwargs, adapter_names,
-            )
-            extra = {k: v for k, v in (("attention_mask", mask), ("labels", labels)) if v is not None}
-            return self.base_model(inputs_embeds=inputs_embeds, **extra, **kwargs)
+            if self._prompt_on():
+                if args:  # the first positional argument of a transformers model is input_ids
+                    kwargs["input_ids"], args = args[0], ()
+                embeds, mask, labels = self._prompt_inputs(
+                    kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None),
+                    kwargs.pop("labels", None), kwargs, adapter_names,
+                )
+                kwargs |= {k: v for k, v in (("inputs_embeds", embeds), ("attention_mask", mask), ("labels", labels)) if v is not None}
+            if not args and kwargs.get("labels") is not None and lean_applies(self.get_base_model(), kwargs):
+                return causal_lm_forward(self.get_base_model(), **kwargs)  # chunked loss, logits computed on access
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._rows(adapter_names):

@@ -102,3 +102,75 @@ def test_evaluation_through_the_lean_loss_matches_transformers():
     got = evaluate(model, examples, "lm", pad_id=0, batch_size=4)  # several batches, weighted by their token counts
     assert got["eval_loss"] == pytest.approx(want.item(), abs=1e-5)
     assert got["eval_perplexity"] == pytest.approx(math.exp(want.item()), rel=1e-5)
+
+
+# --- PeftModel.forward(..., labels=...) takes the lean path -----------------------------------------------------------
+
+
+def _reference(model, batch, **kw):
+    """transformers' own loss and adapter gradients (the model's forward, no lean path)."""
+    base = model.get_base_model()
+    with torch.no_grad():  # no autograd: PeftModel.forward leaves the loss to transformers
+        want = model(**batch, **kw).loss
+    plain = _loss_and_grads(model, lambda: _base_forward(base, batch, **kw).loss)
+    torch.testing.assert_close(plain[0], want, atol=1e-6, rtol=0)
+    return plain
+
+
+def _base_forward(base, batch, **kw):
+    return type(base).forward(base, **batch, **kw)  # the class's forward: computes logits, then ForCausalLMLoss
+
+
+@pytest.mark.parametrize("case", ["padded", "unpadded", "packed", "items"])
+def test_forward_with_labels_is_lean_and_equals_transformers(case):
+    from smolpeft.loss import LeanCausalLMOutput
+
+    model = _model()
+    examples = _examples()
+    kw = {}
+    if case == "unpadded":
+        batch = collate([{"input_ids": e["input_ids"][:5], "labels": e["input_ids"][:5]} for e in examples], pad_id=0)
+    elif case == "packed":
+        batch = collate(pack(examples, max_length=40), pad_id=0)
+        kw = {"use_cache": False}
+    else:
+        batch = collate(examples, pad_id=0)
+    if case == "items":  # Trainer's gradient accumulation: sum over this batch / tokens of all accumulated batches
+        kw = {"num_items_in_batch": torch.tensor(37)}
+    want = _reference(model, batch, **kw)
+    out = model(**batch, **kw)
+    assert isinstance(out, LeanCausalLMOutput) and "logits" not in dict(out.items())
+    got = _loss_and_grads(model, lambda: model(**batch, **kw).loss)
+    _assert_same(want, got)
+
+
+def test_lean_output_computes_logits_on_access():
+    model = _model()
+    batch = collate(_examples(), pad_id=0)
+    with torch.no_grad():
+        want = model.get_base_model()(**batch)
+    out = model(**batch)
+    torch.testing.assert_close(out.logits, want.logits)  # attribute access builds them ...
+    assert list(out.keys())[:2] == ["loss", "logits"]  # ... in transformers' field order
+    torch.testing.assert_close(model(**batch)["logits"], want.logits)
+    torch.testing.assert_close(model(**batch)[1], want.logits)
+    out = model(**batch)
+    out.logits.sum().backward()  # and they are differentiable, like transformers'
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_prompt_tuning_forward_is_lean_too():
+    pm = smolpeft.get_peft_model(tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    batch = collate(_examples(), pad_id=0)
+    with torch.no_grad():
+        want = pm(**batch).loss
+    got = pm(**batch)
+    assert "logits" not in dict(got.items())
+    torch.testing.assert_close(got.loss, want, atol=1e-5, rtol=0)
+
+
+def test_models_that_scale_logits_keep_their_own_forward():
+    model = _model()
+    batch = collate(_examples(), pad_id=0)
+    model.get_base_model().config.final_logit_softcapping = 30.0
+    assert "logits" in dict(model(**batch).items())  # softcapping is applied after the head: not lean

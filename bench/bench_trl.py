@@ -1,0 +1,131 @@
+"""e) The course's stack on smolpeft, against the same stack on peft.
+
+step: one LoRA training step through the model's own forward, `model(input_ids=..., labels=...).loss.backward()`
+      + AdamW (r=16, all linear layers, batch 2x256, SmolLM2-135M shape): smolpeft's PeftModel.forward takes the
+      lean loss; peft's goes through transformers' loss over full fp32 logits. Times alternate in one process
+      (medians); peak step memory is measured in a fresh process per contender.
+sft:  the same SFT job (bench_sft's data and settings: packing, gradient checkpointing, max length 512, fp32) through
+      smolpeft.trl.SFTTrainer + smolpeft.LoraConfig and through trl.SFTTrainer + peft.LoraConfig; each job in a
+      fresh process, alternating, medians of tokens/s and peak RSS.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import PeakRSS, alternate, median, parser, report, smollm2  # noqa: E402
+from bench_sft import TRL_CHILD, build  # noqa: E402
+
+# The same script with only the imports changed, as a course user would change them.
+OURS_CHILD = TRL_CHILD.replace("from peft import LoraConfig", "from smolpeft import LoraConfig").replace(
+    "from trl import SFTConfig, SFTTrainer", "from trl import SFTConfig\nfrom smolpeft.trl import SFTTrainer"
+)
+
+
+def step(args) -> None:
+    import peft
+
+    import smolpeft
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=g)
+    kw = dict(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    models = {}
+    if args.mem in (None, "smolpeft"):
+        models["smolpeft"] = smolpeft.get_peft_model(smollm2(args.layers), smolpeft.LoraConfig(**kw))
+    if args.mem in (None, "peft"):
+        models["peft"] = peft.get_peft_model(smollm2(args.layers), peft.LoraConfig(**kw))
+    steps = {}
+    for name, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
+
+        def one(m=m, opt=opt):
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step(), opt.zero_grad(set_to_none=True)
+
+        steps[name] = one
+    if args.mem:  # a fresh process: the allocator holds no memory from the other contender's steps
+        import resource
+
+        with PeakRSS() as rss:
+            steps[args.mem]()
+        # also the kernel's high-water mark, which a sampler starved on a loaded machine cannot miss
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss.base
+        print(json.dumps({"peak_step_mem_mb": rss.delta, "hwm_above_entry_mb": hwm}))
+        return
+    t = alternate(steps, args.rounds)
+    mem = {}
+    for name in steps:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--mem", name]
+        mem[name] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    med = {k: median(v) for k, v in t.items()}
+    rows = [{"contender": k, "step_s": med[k], "peak_step_mem_mb": mem[k]["peak_step_mem_mb"]} for k in steps]
+    key = (
+        f"model(input_ids, labels) step, {args.layers} layers: time smolpeft/peft = "
+        f"{med['smolpeft'] / med['peft']:.3f} (target <= 0.85); peak memory smolpeft/peft = "
+        f"{mem['smolpeft']['peak_step_mem_mb'] / mem['peft']['peak_step_mem_mb']:.3f} (target <= 0.70)"
+    )
+    report("forward_labels_step", rows, key, {"args": vars(args), "times_s": t})
+
+
+def sft(args) -> None:
+    root = tempfile.mkdtemp()
+    model_dir, data = build(args.layers, root)
+    env = os.environ | {
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    }
+    children = {"smolpeft.trl": OURS_CHILD, "trl+peft": TRL_CHILD}
+    runs: dict[str, list[dict]] = {k: [] for k in children}
+    for r in range(args.rounds):
+        for name in list(children) if r % 2 == 0 else list(children)[::-1]:
+            cmd = [
+                sys.executable,
+                "-c",
+                children[name],
+                model_dir,
+                data,
+                os.path.join(root, f"{r}-{name}"),
+                str(args.steps),
+                str(args.batch),
+                str(args.threads),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[name].append(res | {"tokens_per_s": res["tokens"] / res["train_s"]})
+            print(
+                f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
+    results = {name: {k: median([x[k] for x in rs]) for k in rs[0]} for name, rs in runs.items()}
+    ours, trl = results["smolpeft.trl"], results["trl+peft"]
+    key = (
+        f"SFT job, {args.layers} layers: tokens/s smolpeft.trl/TRL+peft = {ours['tokens_per_s'] / trl['tokens_per_s']:.3f}"
+        f" (target >= 1.0); peak RSS = {ours['peak_rss_mb'] / trl['peak_rss_mb']:.3f} (target <= 0.8)"
+    )
+    report("trl_sft_job", [{"job": k, **v} for k, v in results.items()], key, {"args": vars(args), "runs": runs})
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("what", choices=["step", "sft"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--mem", choices=["smolpeft", "peft"], help="internal: measure one contender's step memory")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    step(args) if args.what == "step" else sft(args)
+
+
+if __name__ == "__main__":
+    main()
