@@ -92,6 +92,13 @@ class LoraLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """PEFT's per-layer call. The state is shared by every layer of the model, so this switches them all."""
+        self.state.active = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return list(self.r)
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of adapter `name` as tensors: r×in and out×r."""
         if self.is_embedding:
@@ -289,6 +296,10 @@ class ModulesToSave(nn.Module):
     @property
     def active_adapter(self) -> str | None:
         return next((n for n in self.state.active if n in self.modules_to_save), None)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [n for n in self.state.active if n in self.modules_to_save]
 
     @property
     def weight(self) -> torch.Tensor:

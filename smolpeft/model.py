@@ -23,6 +23,8 @@ from .lora import BASE, AdapterState, LoraLayer
 from .loss import causal_lm_forward, lean_applies
 from .prompt import PromptEmbedding, prepend
 from .surface import refuse
+from torch.nn.modules.module import _IncompatibleKeys
+
 from .tuner import CLS_HEADS, LoraModel
 
 # Keyword arguments of from_pretrained/load_adapter that only choose where the files come from.
@@ -77,7 +79,9 @@ class PeftModel(nn.Module):
     def _is_prompt(self) -> bool:
         return not isinstance(self.base_model, LoraModel)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True
+    ) -> None:
         """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
         refuse(peft_config)
         kind = PromptTuningConfig if self._is_prompt() else LoraConfig
@@ -85,7 +89,7 @@ class PeftModel(nn.Module):
             have = "PROMPT_TUNING" if self._is_prompt() else "LORA"
             raise ValueError(f"cannot mix {peft_config.peft_type.value} with {have} adapters in one model")
         if not self._is_prompt():
-            self.base_model.add_adapter(adapter_name, peft_config)
+            self.base_model.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
             return
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
@@ -139,7 +143,7 @@ class PeftModel(nn.Module):
 
     def _check_known(self, name: str) -> None:
         if name not in self.peft_config:
-            raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(self.peft_config) or '(none)'}")
+            raise ValueError(f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}")
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -349,6 +353,8 @@ class PeftModel(nn.Module):
         path = checkpoint.resolve_dir(model_id, **kwargs)
         config = load_config(path)
         self._load(path, config, adapter_name, is_trainable, torch_device, ignore_sizes, dtype, autocast_adapter_dtype)
+        # As PEFT, a load result; a file load is strict here, so nothing is ever missing or unexpected.
+        return _IncompatibleKeys([], [])
 
     def _load(self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True) -> None:
         if adapter_name in self.peft_config:

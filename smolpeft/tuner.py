@@ -57,8 +57,10 @@ class LoraModel(nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool | None = None) -> None:
         """Inject adapter `adapter_name`; a failure leaves the model as it was."""
+        if autocast_adapter_dtype is not None:
+            self._autocast = autocast_adapter_dtype
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         if adapter_name == lora.BASE:
@@ -89,7 +91,7 @@ class LoraModel(nn.Module):
         self._check_known(adapter_name)
         merged = sorted({n for _, m in lora.lora_layers(self.model) for n in m.merged_adapters} & {adapter_name})
         if merged:
-            raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged; call unmerge_adapter() first")
+            raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
         self._drop(adapter_name)
         active = [a for a in self._state.active if a != adapter_name]
         self._state.active = active or list(self.peft_config)[:1]
@@ -120,7 +122,7 @@ class LoraModel(nn.Module):
 
     def _check_known(self, name: str) -> None:
         if name not in self.peft_config:
-            raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(self.peft_config) or '(none)'}")
+            raise ValueError(f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}")
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""

@@ -166,7 +166,7 @@ def test_adapter_management_and_pass_through(tmp_path, capsys):
     assert model.active_adapter == "default"
     model.add_adapter("b", smolpeft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert model.active_adapter == "default"  # adding does not activate
-    with pytest.raises(ValueError, match="unknown adapter 'c'; known adapters: default, b"):
+    with pytest.raises(ValueError, match="Adapter c does not exist; known adapters: default, b"):
         model.set_adapter("c")
     model.set_adapter("b")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
