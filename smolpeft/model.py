@@ -58,7 +58,7 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         self._setup(model, isinstance(peft_config, LoraConfig), adapter_name, autocast_adapter_dtype)
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def _setup(self, model: nn.Module, is_lora: bool, adapter_name: str, autocast_adapter_dtype: bool) -> None:
         """The empty wrapper: a LoraModel tuner for LoRA; for prompt tuning the model itself plus prompt encoders."""
@@ -365,9 +365,7 @@ class PeftModel(nn.Module):
         original = config
         if getattr(config, "init_lora_weights", None) in ("pissa", "olora"):
             config = checkpoint.principal_config(config)
-        if not self._is_prompt():
-            self.base_model._autocast = autocast
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast)
         try:
             if config is not original:
                 weights = checkpoint.principal_weights(self.get_base_model(), original, weights)
