@@ -45,7 +45,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 # PEFT fields that change the math when set; we refuse them rather than silently computing something else.
-_UNSUPPORTED_IF_SET = {"use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "trainable_token_indices"}
+_UNSUPPORTED_IF_SET = {"use_qalora", "alora_invocation_tokens", "trainable_token_indices"}
 
 
 # Fields PEFT writes with these values that mean "feature off" (or only record PEFT's version).
@@ -94,7 +94,7 @@ class LoraConfig(_Base):
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None  # list: exact or dotted-suffix names; str: full-match regex
     exclude_modules: list[str] | str | None = None
-    bias: str = "none"
+    bias: str = "none"  # "none", "all" (every bias of the model trains) or "lora_only" (biases of the targeted layers)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "olora"
     modules_to_save: list[str] | None = None  # whole modules trained and saved next to the adapter
@@ -103,6 +103,8 @@ class LoraConfig(_Base):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False  # set automatically for GPT-2's Conv1D; kept for config compatibility
+    use_dora: bool = False  # DoRA: W' = m · (W + s·B A) / ||W + s·B A||, with a trained magnitude m per output
+    lora_bias: bool = False  # lora_B gets a trained bias (merged into the base layer's bias)
 
     @property
     def peft_type(self) -> PeftType:
@@ -113,8 +115,12 @@ class LoraConfig(_Base):
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise ValueError(f"LoraConfig.bias={self.bias!r} is not supported; smolpeft trains no biases (use 'none')")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias={self.bias!r}; expected 'none', 'all' or 'lora_only'")
+        if self.lora_bias and self.init_lora_weights not in (True, False):  # PEFT's two refusals
+            raise ValueError(f"lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
         if self.init_lora_weights not in (True, False, "gaussian", "pissa", "olora"):
             raise ValueError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; expected True, False, 'gaussian', 'pissa' or 'olora'"
