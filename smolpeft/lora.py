@@ -225,10 +225,12 @@ class LoraLayer(nn.Module):
         cached = self._norms.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        with torch.no_grad():
-            A, B = A.detach(), B.detach()
-            Wd = self._dense_weight(A.dtype)
-            wkey = (W.data_ptr(), W._version, A.dtype)
+        # In fp32 at least, and outside autocast: the norm of a half-precision sum would carry its rounding into m.
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
+            A, B = A.detach().to(dtype), B.detach().to(dtype)
+            Wd = self._dense_weight(dtype)
+            wkey = (W.data_ptr(), W._version, dtype)
             if self._w_sq[0] != wkey:
                 self._w_sq = (wkey, Wd.square().sum(0 if self.fan_in_fan_out else 1))
             WA = A @ Wd if self.fan_in_fan_out else F.linear(A, Wd)  # (W Aᵀ)ᵀ, r×out
@@ -241,7 +243,7 @@ class LoraLayer(nn.Module):
     def _dora_add(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """out (W x + b plus any adapters before this one, as in PEFT) ↦ f ⊙ (out - b + s·B A x) + b."""
         A, B = self.factors(name)
-        f = self.lora_magnitude_vector[name].weight / self.weight_norm(name)
+        f = (self.lora_magnitude_vector[name].weight / self.weight_norm(name)).to(A.dtype)
         s, drop = self.scaling[name], self.lora_dropout[name]
         y = out.to(A.dtype)
         if self.is_embedding:
@@ -348,8 +350,8 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 As = [self.factors(n)[0] for n in present]
                 ones = As[0].new_ones(self.out_features)
-                fs = [self.lora_magnitude_vector[n].weight / self.weight_norm(n) if self.use_dora[n] else ones
-                      for n in present]
+                fs = [(self.lora_magnitude_vector[n].weight / self.weight_norm(n)).to(ones.dtype) if self.use_dora[n]
+                      else ones for n in present]
                 Bs = [self.factors(n)[1] * (self.scaling[n] * f)[:, None] for n, f in zip(present, fs)]
                 f = torch.stack([*fs, ones]) if any(self.use_dora[n] for n in present) else None
                 b = self.bias
