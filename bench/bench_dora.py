@@ -3,7 +3,8 @@ our own LoRA, and no-grad inference unmerged and merged against the base model.
 
 peft recomputes ||W + s·B A|| from the full out×in product on every forward; smolpeft computes it from ||W||²
 (cached: W is frozen), W Aᵀ and A Aᵀ (rank-r products), once per optimizer step, and rescales the LoRA output in place
-at inference.
+at inference. paired_ratio: the median over rounds of each case's time over smolpeft DoRA's (steps) or the base's
+(forwards) in the same round.
 """
 
 import sys
@@ -62,7 +63,7 @@ def main():
             opts[name].step(), opts[name].zero_grad(set_to_none=True)
         return run
 
-    steps = alternate({n: step(n) for n in models}, args.rounds)
+    steps = alternate({n: step(n) for n in models}, args.rounds) if args.rounds else None  # --rounds 0: inference only
     del theirs, models, opts, losses
 
     # inference: the trained DoRA model unmerged, the same merged (merge_and_unload: a plain transformers model), our
@@ -82,19 +83,21 @@ def main():
 
     infer = alternate({"base": fwd(base), "DoRA unmerged": fwd(dora), "DoRA merged": fwd(merged),
                        "LoRA unmerged": fwd(lora)}, args.infer_rounds)
-    s = {k: median(v) for k, v in steps.items()}
     i = {k: median(v) for k, v in infer.items()}
 
     def paired(a, b, t):  # median of per-round ratios: each round's contenders ran back to back
         return median([x / y for x, y in zip(t[a], t[b])])
 
-    r_peft, r_lora = paired("smolpeft DoRA", "peft DoRA", steps), paired("smolpeft DoRA", "smolpeft LoRA", steps)
-    r_un, r_mg = paired("DoRA unmerged", "base", infer), paired("DoRA merged", "base", infer)
-    rows = [{"case": f"train step, {k}", "median_s": v, "paired_ratio": paired(k, "smolpeft DoRA", steps)} for k, v in s.items()]
+    rows, key = [], ""
+    if steps:
+        s = {k: median(v) for k, v in steps.items()}
+        rows = [{"case": f"train step, {k}", "median_s": v, "paired_ratio": paired(k, "smolpeft DoRA", steps)}
+                for k, v in s.items()]
+        key = (f"DoRA step smolpeft/peft = {paired('smolpeft DoRA', 'peft DoRA', steps):.3f} (target <= 0.70); "
+               f"smolpeft DoRA/LoRA step = {paired('smolpeft DoRA', 'smolpeft LoRA', steps):.3f} (target <= 1.30); ")
     rows += [{"case": f"no-grad forward, {k}", "median_s": v, "paired_ratio": paired(k, "base", infer)} for k, v in i.items()]
-    key = (f"DoRA step smolpeft/peft = {r_peft:.3f} (target <= 0.70); smolpeft DoRA/LoRA step = {r_lora:.3f} "
-           f"(target <= 1.30); inference unmerged/base = {r_un:.3f} (target <= 1.15); merged/base = {r_mg:.3f} "
-           "(target 1.00) [medians of per-round ratios]")
+    key += (f"inference unmerged/base = {paired('DoRA unmerged', 'base', infer):.3f} (target <= 1.15); merged/base = "
+            f"{paired('DoRA merged', 'base', infer):.3f} (target 1.00) [medians of per-round ratios]")
     report("dora", rows, key, {"args": vars(args), "steps_s": steps, "inference_s": infer})
 
 
