@@ -64,7 +64,9 @@ def main():
         return run
 
     steps = alternate({n: step(n) for n in models}, args.rounds) if args.rounds else None  # --rounds 0: inference only
-    del theirs, models, opts, losses
+    del theirs
+    for d in (models, opts, losses):  # free peft's model and the optimizer states before timing inference
+        d.clear()
 
     # inference: the trained DoRA model unmerged, the same merged (merge_and_unload: a plain transformers model), our
     # LoRA unmerged for reference, and the base model
