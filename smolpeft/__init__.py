@@ -17,6 +17,7 @@ from .config import (
     TaskType,
     load_config,
 )
+from .loraplus import create_loraplus_optimizer
 from .model import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -32,7 +33,7 @@ from .qlora import prepare_model_for_kbit_training
 from .surface import UNSUPPORTED_CONFIGS, PeftWarning, unsupported
 from .tuner import LoraModel, inject_adapter_in_model
 
-from . import tuners, utils  # noqa: F401  (PEFT's deep module paths: peft.tuners.lora, peft.utils, ...)
+from . import optimizers, tuners, utils  # noqa: F401  (PEFT's deep module paths: peft.tuners.lora, peft.utils, ...)
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "get_base_model_state_dict",
     "get_peft_model_state_dict",

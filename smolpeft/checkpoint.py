@@ -36,6 +36,8 @@ def _file_key(key: str, name: str) -> str | None:
     for part in ("lora_embedding_A", "lora_embedding_B"):
         if key.endswith(f".{part}.{name}"):
             return key[: -len(name) - 1]
+    if key.endswith(f".lora_magnitude_vector.{name}.weight"):  # DoRA's m: PEFT's file key has no ".weight"
+        return key[: -len(name) - len(".weight") - 1]
     if f".modules_to_save.{name}." in key:
         return key.replace(f".modules_to_save.{name}.", ".")
     if key == f"prompt_encoder.{name}.embedding.weight":
@@ -93,7 +95,24 @@ def get_peft_model_state_dict(
         model = getattr(model, "_orig_mod", model)
     state = model.state_dict() if state_dict is None else state_dict
     out = {fk: v for k, v in state.items() if (fk := _file_key(k, adapter_name)) is not None}
+    out |= _trained_biases(model, adapter_name, state)
     return out | _embedding_layers(model, adapter_name, save_embedding_layers, state)
+
+
+def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Base biases saved with bias="all" (every `*.bias` key not another adapter's) or "lora_only" (`base_layer.bias`
+    of the LoRA-wrapped layers), under PEFT's keys: the adapter name dropped before the last part."""
+    bias = getattr(model.peft_config[adapter_name], "bias", "none")
+    if bias == "all":
+        others = [n for n in model.peft_config if n != adapter_name]
+        keys = [k for k in state if (k == "bias" or k.endswith(".bias"))
+                and not any(f".{o}." in k or k.endswith(f".{o}") for o in others)]
+    elif bias == "lora_only":
+        keys = [f"{p}.base_layer.bias" for p, m in model.named_modules() if isinstance(m, LoraLayer)]
+        keys = [k for k in keys if k in state]
+    else:
+        return {}
+    return {re.sub(rf"\.{re.escape(adapter_name)}(\.[^.]+)$", r"\1", k): state[k] for k in keys}
 
 
 def _live(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

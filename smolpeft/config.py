@@ -200,7 +200,9 @@ class LoraConfig(PeftConfig):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     fan_in_fan_out: bool = False  # set automatically for GPT-2's Conv1D; kept for config compatibility
-    bias: str = "none"
+    bias: str = "none"  # "none", "all" (every bias of the model trains) or "lora_only" (biases of the targeted layers)
+    use_dora: bool = False  # DoRA: W' = m · (W + s·B A) / ||W + s·B A||, with a trained magnitude m per output
+    lora_bias: bool = False  # lora_B gets a trained bias (merged into the base layer's bias)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     modules_to_save: list[str] | None = None  # whole modules trained and saved next to the adapter
     init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "olora"
@@ -216,14 +218,12 @@ class LoraConfig(PeftConfig):
     eva_config: dict | None = None
     corda_config: dict | None = None
     lora_ga_config: dict | None = None
-    use_dora: bool = False
     velora_config: dict | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16  # only read by PEFT together with use_qalora
     monteclora_config: dict | None = None
     layer_replication: list[tuple[int, int]] | None = None
-    lora_bias: bool = False
     target_parameters: list[str] | None = None
     use_bdlora: dict | None = None
     arrow_config: dict | None = None
@@ -232,8 +232,8 @@ class LoraConfig(PeftConfig):
 
     _refused: ClassVar[tuple[str, ...]] = (
         "megatron_config", "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-        "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
-        "lora_bias", "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
+        "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
+        "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -242,8 +242,12 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias != "none":
-            raise ValueError(f"LoraConfig.bias={self.bias!r} is not supported; smolpeft trains no biases (use 'none')")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias={self.bias!r}; expected 'none', 'all' or 'lora_only'")
+        if self.lora_bias and self.init_lora_weights not in (True, False):  # PEFT's two refusals
+            raise ValueError(f"lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
         if self.init_lora_weights not in (True, False, "gaussian", "pissa", "olora"):
             raise ValueError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; expected True, False, 'gaussian', 'pissa' or 'olora'"

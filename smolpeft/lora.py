@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -40,13 +41,26 @@ def _shape(base: nn.Module) -> tuple[int, int, bool]:
     )
 
 
+class Magnitude(nn.Module):
+    """DoRA's trained magnitude m (one entry per output) of one adapter, held as `.weight` so that parameter names
+    are PEFT's (`lora_magnitude_vector.<adapter>.weight`)."""
+
+    def __init__(self, m: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(m)
+
+
 class LoraLayer(nn.Module):
     """y = base(x) + Σ_active s · B A dropout(x), with A r×in, B out×r and s = alpha/r (alpha/√r with rsLoRA).
 
-    Holds any number of named adapters under PEFT's names: `lora_A[name]` / `lora_B[name]` are bias-free
-    nn.Linear layers, and for an Embedding base `lora_embedding_A[name]` (r×vocab) / `lora_embedding_B[name]`
-    (dim×r) are plain parameters, since `A x` on token ids is a lookup into the columns of A. Which adapters run
-    is read from the shared `AdapterState`.
+    Holds any number of named adapters under PEFT's names: `lora_A[name]` / `lora_B[name]` are nn.Linear layers
+    (lora_B with a bias when lora_bias=True), and for an Embedding base `lora_embedding_A[name]` (r×vocab) /
+    `lora_embedding_B[name]` (dim×r) are plain parameters, since `A x` on token ids is a lookup into the columns of A.
+    Which adapters run is read from the shared `AdapterState`.
+
+    DoRA adapters (use_dora) also hold a magnitude m = `lora_magnitude_vector[name].weight` and compute
+        W' = m · (W + s·B A) / ||W + s·B A||   (norm of each output's row of W, treated as a constant in backward),
+    i.e. y = f ⊙ (W x + s·B A x) + b with f = m / ||W + s·B A||: the LoRA output rescaled per output feature.
     """
 
     def __init__(self, base_layer: nn.Module, state: AdapterState):
@@ -57,12 +71,21 @@ class LoraLayer(nn.Module):
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.merged_adapters: list[str] = []
         self.state = state
         self._stacked: tuple = (None, None, None)  # (key, factors, source tensors) for mixed batches; see _stack
+        # DoRA: ||W||² per output (W is frozen) and each adapter's norm, with the tensor versions they were computed
+        # from, so a norm is computed once per optimizer step however many forwards (accumulation, checkpointing)
+        # read it; and the norms used by merge, which unmerge needs back.
+        self._w_sq: tuple = (None, None)
+        self._norms: dict[str, tuple] = {}
+        self._merged_norms: dict[str, torch.Tensor] = {}
 
     # PEFT's layer attributes, read from the shared state
     @property
@@ -105,7 +128,21 @@ class LoraLayer(nn.Module):
             return self.lora_embedding_A[name], self.lora_embedding_B[name]
         return self.lora_A[name].weight, self.lora_B[name].weight
 
+    def adapter_params(self, name: str) -> list[nn.Parameter]:
+        """Every trained tensor of adapter `name`: A, B, and lora_B's bias and DoRA's magnitude where it has them."""
+        out = list(self.factors(name))
+        if self.lora_bias.get(name):
+            out.append(self.lora_B[name].bias)
+        if name in self.lora_magnitude_vector:
+            out.append(self.lora_magnitude_vector[name].weight)
+        return out
+
     def add(self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig, fp32: bool = True) -> None:
+        if config.lora_bias and self.is_embedding:
+            raise ValueError("lora_bias=True is not supported for an Embedding base layer (as in PEFT)")
+        if config.lora_bias and self.bias is None:
+            warnings.warn(f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: this adapter cannot "
+                          "be merged", stacklevel=4)
         w = self.base_layer.weight
         # Half-precision and quantized bases get fp32 adapters, as PEFT's autocast_adapter_dtype=True gives them:
         # updates of size lr·grad vanish in bf16. fp32=False keeps a half-precision base's dtype.
@@ -121,9 +158,10 @@ class LoraLayer(nn.Module):
             self.lora_embedding_A[name], self.lora_embedding_B[name] = A, B
         else:
             self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
-            self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+            self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_bias[name], self.use_dora[name] = config.lora_bias, config.use_dora
         init = config.init_lora_weights
         with torch.no_grad():
             if init is False:
@@ -138,6 +176,11 @@ class LoraLayer(nn.Module):
                 self.set_base_weight(dense_weight(self.base_layer).float() - self.scaling[name] * self._layout(B0 @ A0))
             else:  # True: A Kaiming-uniform, B = 0, so the adapter starts as the identity
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
+            if config.lora_bias and init is not False:
+                nn.init.zeros_(self.lora_B[name].bias)
+        if config.use_dora:  # m starts at ||W + s·B A||, so that W' = W + s·B A: DoRA starts where LoRA would
+            m = self._row_norm(self._dense_weight(dtype), self.get_delta_weight(name).detach())
+            self.lora_magnitude_vector[name] = Magnitude(m)
 
     def principal_factors(self, kind: str, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
         """PiSSA (top-r SVD) or OLoRA (QR) factors (A₀, B₀) of the base weight, with s·B₀A₀ its principal part.
@@ -163,6 +206,76 @@ class LoraLayer(nn.Module):
         A, B = self.factors(name)
         return self._layout(B @ A) * self.scaling[name]
 
+    # --- DoRA ----------------------------------------------------------------------------------------------------
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight in its storage layout, dequantized if need be, in `dtype`."""
+        return dense_weight(self.base_layer).to(dtype)
+
+    def _row_norm(self, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """||W + ΔW|| for each output feature (W and ΔW laid out like the base weight): the direct computation,
+        for adding and merging an adapter."""
+        return torch.linalg.norm(W + delta, dim=0 if self.fan_in_fan_out else 1)
+
+    def _per_output(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output vector shaped to scale the base weight in its storage layout."""
+        return v[None, :] if self.fan_in_fan_out else v[:, None]
+
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """||W + s·B A|| per output, without forming any out×in matrix (detached; cached until A, B or W change):
+            ||W_i + s(BA)_i||² = ||W_i||² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·B_i (A Aᵀ) B_iᵀ,
+        with ||W_i||² cached (W is frozen) and W Aᵀ one rank-r product per step."""
+        A, B = self.factors(name)
+        W = self.base_layer.weight
+        s = self.scaling[name]
+        key = (A.data_ptr(), A._version, B.data_ptr(), B._version, W.data_ptr(), W._version, s, A.dtype)
+        cached = self._norms.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        # In fp32 at least, and outside autocast: the norm of a half-precision sum would carry its rounding into m.
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
+            A, B = A.detach().to(dtype), B.detach().to(dtype)
+            Wd = self._dense_weight(dtype)
+            wkey = (W.data_ptr(), W._version, dtype)
+            if self._w_sq[0] != wkey:
+                self._w_sq = (wkey, Wd.square().sum(0 if self.fan_in_fan_out else 1))
+            WA = A @ Wd if self.fan_in_fan_out else F.linear(A, Wd)  # (W Aᵀ)ᵀ, r×out
+            cross = (B * WA.T).sum(1)
+            ba_sq = ((B @ (A @ A.T)) * B).sum(1)
+            norm = (self._w_sq[1] + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
+        self._norms[name] = (key, norm)
+        return norm
+
+    def _dora_add(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """out (W x + b plus any adapters before this one, as in PEFT) ↦ f ⊙ (out - b + s·B A x) + b."""
+        A, B = self.factors(name)
+        f = (self.lora_magnitude_vector[name].weight / self.weight_norm(name)).to(A.dtype)
+        s, drop = self.scaling[name], self.lora_dropout[name]
+        y = out.to(A.dtype)
+        if self.is_embedding:
+            return (f * (y + self._delta(x, name))).to(out.dtype)
+        b = self.bias
+        xa = x.to(A.dtype)
+        if self.training and not isinstance(drop, nn.Identity):
+            # With dropout the rescaled base term is W·dropout(x), not out: one more product with W, as in PEFT.
+            xa = drop(xa)
+            Wd = self._dense_weight(A.dtype)
+            base = xa @ Wd if self.fan_in_fan_out else F.linear(xa, Wd)
+            return (y + (f - 1) * base + f * s * F.linear(F.linear(xa, A), B)).to(out.dtype)
+        h = F.linear(xa, A)
+        flat, h = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+        if torch.is_grad_enabled():
+            g = torch.addmm(flat - b if b is not None else flat, h, (B * s).T) * f
+            g = g + b if b is not None else g
+        else:  # inference: f ⊙ (out - b) + b = f ⊙ out + (1 - f) b, in place; f folded into the r×out factor
+            f = f.detach()
+            flat.mul_(f)
+            if b is not None:
+                flat.add_((1 - f) * b)
+            g = flat.addmm_(h, (B * (s * f)[:, None]).T)
+        return g.view(out.shape).to(out.dtype)
+
     def set_base_weight(self, new: torch.Tensor) -> None:
         """Replace the base weight by `new` (laid out like it), re-quantizing a 4-bit or 8-bit base."""
         if is_quantized(self.base_layer):
@@ -174,7 +287,8 @@ class LoraLayer(nn.Module):
         A, B = self.factors(name)
         if self.is_embedding:
             return F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * self.scaling[name]
-        return F.linear(F.linear(self.lora_dropout[name](x.to(A.dtype)), A), B) * self.scaling[name]
+        bias = self.lora_B[name].bias  # None unless lora_bias
+        return F.linear(F.linear(self.lora_dropout[name](x.to(A.dtype)), A), B, bias) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -189,8 +303,10 @@ class LoraLayer(nn.Module):
         return out
 
     def _add_delta(self, out: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.use_dora[name]:
+            return self._dora_add(out, x, name)
         A, B = self.factors(name)
-        if self.is_embedding or out.dtype != B.dtype:
+        if self.is_embedding or out.dtype != B.dtype or self.lora_bias[name]:
             return out + self._delta(x, name).to(out.dtype)
         h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
         # s·B folds the scaling into the small r×out factor, and addmm adds the product to out in one kernel. With
@@ -207,68 +323,112 @@ class LoraLayer(nn.Module):
         present = [n for n in dict.fromkeys(names) if n in self.r]  # BASE and adapters not on this layer: none
         if not present:
             return out
-        if self.is_embedding or self.training or torch.is_grad_enabled() or len({self.r[n] for n in present}) > 1:
+        grouped = self.is_embedding or self.training or torch.is_grad_enabled() or len({self.r[n] for n in present}) > 1
+        if grouped or any(self.lora_bias[n] for n in present):
             # Grouped: each adapter runs once on its rows (dropout, gradients and unequal ranks stay exact).
             out = out.clone()
             for name in present:
                 rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-                out[rows] += self._delta(x[rows], name).to(out.dtype)
+                out[rows] = self._add_delta(out[rows], x[rows], name)
             return out
         # Inference with equal ranks: gather each row's factors and run two batched matmuls for the whole batch,
         # the second accumulating into the base output in place. Rows without an adapter gather a zero factor.
-        A, B = self._stack(present)
+        # DoRA rows first rescale their base output: f ⊙ out + (1 - f) b (f = 1 and no offset for the other rows).
+        A, B, f, offset = self._stack(present)
         slot = torch.tensor([present.index(n) if n in present else len(present) for n in names], device=x.device)
         xb = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)
         h = torch.bmm(xb, A[slot].transpose(1, 2))
-        if out.dtype != B.dtype:
-            return out + torch.bmm(h, B[slot].transpose(1, 2)).to(out.dtype).view(out.shape)
-        o = out.reshape(x.shape[0], -1, out.shape[-1])
-        o.baddbmm_(h, B[slot].transpose(1, 2))  # inference only: out is ours to overwrite
-        return o.view(out.shape)
+        o = out.reshape(x.shape[0], -1, out.shape[-1]).to(B.dtype)  # inference only: out is ours to overwrite
+        if f is not None:
+            o.mul_(f[slot][:, None])
+            if offset is not None:
+                o.add_(offset[slot][:, None])
+        o.baddbmm_(h, B[slot].transpose(1, 2))
+        return o.view(out.shape).to(out.dtype)
 
-    def _stack(self, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k+1)×r×in A's and (k+1)×out×r scaled B's of the present adapters plus a zero slot, rebuilt only when an
-        adapter's tensors change (in-place updates bump the tensor version, reloads replace the tensor)."""
-        tensors = [t for n in present for t in self.factors(n)]
+    def _stack(self, present: list[str]) -> tuple:
+        """(k+1)×r×in A's and (k+1)×out×r scaled B's of the present adapters plus a zero slot, and for DoRA the
+        (k+1)×out factors f = m / ||W + s·B A|| (folded into the B's as well) and offsets (1 - f) b; rebuilt only when
+        an adapter's tensors change (in-place updates bump the tensor version, reloads replace the tensor)."""
+        tensors = [t for n in present for t in self.adapter_params(n)]
         key = (tuple(present), tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
-               tuple(self.scaling[n] for n in present))
+               tuple(self.scaling[n] for n in present), id(self.base_layer.weight), self.base_layer.weight._version)
         if self._stacked[0] != key:
             with torch.no_grad():
                 As = [self.factors(n)[0] for n in present]
-                Bs = [self.factors(n)[1] * self.scaling[n] for n in present]
-                factors = torch.stack([*As, torch.zeros_like(As[0])]), torch.stack([*Bs, torch.zeros_like(Bs[0])])
+                ones = As[0].new_ones(self.out_features)
+                fs = [(self.lora_magnitude_vector[n].weight / self.weight_norm(n)).to(ones.dtype) if self.use_dora[n]
+                      else ones for n in present]
+                Bs = [self.factors(n)[1] * (self.scaling[n] * f)[:, None] for n, f in zip(present, fs)]
+                f = torch.stack([*fs, ones]) if any(self.use_dora[n] for n in present) else None
+                b = self.bias
+                offset = None if f is None or b is None else (1 - f) * b.to(f.dtype)
+                stacked = (torch.stack([*As, torch.zeros_like(As[0])]), torch.stack([*Bs, torch.zeros_like(Bs[0])]),
+                           f, offset)
             # The tensors are kept with the key so that their ids cannot be reused by new tensors while cached.
-            self._stacked = (key, factors, tensors)
+            self._stacked = (key, stacked, tensors)
         return self._stacked[1]
 
     def merge(self, name: str, safe: bool = False) -> None:
-        """W ← W + ΔW. The fp32 ΔW is added in place, so a half-precision W is rounded once, as PEFT rounds it."""
+        """W ← W + ΔW (DoRA: W ← f ⊙ (W + ΔW)), and b ← b + s·b_B with lora_bias. The fp32 ΔW is added in place, so
+        a half-precision W is rounded once, as PEFT rounds it."""
         if name in self.merged_adapters or name not in self.r:
             return
-        delta = self.get_delta_weight(name)
+        if self.lora_bias[name] and self.bias is None:
+            raise RuntimeError(f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer has no bias")
+        delta = self.get_delta_weight(name).detach()
         quantized = is_quantized(self.base_layer)
         W = dense_weight(self.base_layer) if quantized else self.base_layer.weight.data
-        new = W.to(delta.dtype) + delta if quantized else (W.clone() if safe else W).add_(delta)
-        if safe and not torch.isfinite(new).all():
+        if self.use_dora[name]:
+            # The norm is that of the base without the adapters merged before this one, as forward computes it.
+            norm = self._row_norm(self._unmerged_weight(delta.dtype), delta)
+            f = self._per_output(self.lora_magnitude_vector[name].weight.detach() / norm)
+            new = (W.to(delta.dtype) + delta) * f
+        else:
+            new = W.to(delta.dtype) + delta if quantized else (W.clone() if safe else W).add_(delta)
+        bias = self.bias.data + self.scaling[name] * self.lora_B[name].bias.detach() if self.lora_bias[name] else None
+        if safe and not (torch.isfinite(new).all() and (bias is None or torch.isfinite(bias).all())):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
                              "(the layer was left unmerged)")
-        if quantized or safe:
+        if quantized or safe or self.use_dora[name]:
             self.set_base_weight(new)
+        if bias is not None:
+            self.bias.data = bias.to(self.bias.dtype)
+        if self.use_dora[name]:
+            self._merged_norms[name] = norm
         self.merged_adapters.append(name)
+
+    def _unmerged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of the base weight with the merged adapters taken out again, last merged first."""
+        W = self._dense_weight(dtype).clone()
+        for name in reversed(self.merged_adapters):
+            W = self._take_out(W, name)
+        return W
+
+    def _take_out(self, W: torch.Tensor, name: str) -> torch.Tensor:
+        """The weight before merged adapter `name` went in: W - ΔW, or W / f - ΔW for DoRA."""
+        delta = self.get_delta_weight(name).detach()
+        if self.use_dora[name]:
+            W = W / self._per_output(self.lora_magnitude_vector[name].weight.detach() / self._merged_norms[name])
+        return W.to(delta.dtype) - delta
 
     def unmerge(self) -> None:
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.get_delta_weight(name)
-            if is_quantized(self.base_layer):
-                self.set_base_weight(dense_weight(self.base_layer).to(delta.dtype) - delta)
+            name = self.merged_adapters[-1]
+            if is_quantized(self.base_layer) or self.use_dora[name]:
+                self.set_base_weight(self._take_out(dense_weight(self.base_layer), name))
             else:
-                self.base_layer.weight.data.sub_(delta)
+                self.base_layer.weight.data.sub_(self.get_delta_weight(name).detach())
+            if self.lora_bias[name]:
+                self.bias.data -= (self.scaling[name] * self.lora_B[name].bias.detach()).to(self.bias.dtype)
+            self._merged_norms.pop(name, None)
+            self.merged_adapters.pop()
 
     def delete(self, name: str) -> None:
-        for d in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
+        for d in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout,
+                  self.lora_magnitude_vector):
             _discard(d, name)
-        for d in (self.scaling, self.r, self.lora_alpha):
+        for d in (self.scaling, self.r, self.lora_alpha, self.use_dora, self.lora_bias, self._norms):
             d.pop(name, None)
 
     def extra_repr(self) -> str:
@@ -366,7 +526,7 @@ def _layer_index_ok(name: str, config: LoraConfig) -> bool:
 def _user_modules(model: nn.Module):
     """named_modules() without the insides of our own wrappers."""
     for name, m in model.named_modules():
-        if re.search(r"(^|\.)(base_layer|lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|original_module|modules_to_save)(\.|$)", name):
+        if re.search(r"(^|\.)(base_layer|lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|lora_magnitude_vector|original_module|modules_to_save)(\.|$)", name):
             continue
         yield name, m
 

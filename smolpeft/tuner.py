@@ -126,11 +126,13 @@ class LoraModel(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""
-        out = [t for _, m in lora.lora_layers(self.model) if name in m.r for t in m.factors(name)]
+        out = [t for _, m in lora.lora_layers(self.model) if name in m.r for t in m.adapter_params(name)]
         return out + [p for head in lora.modules_to_save_copies(self.model, name) for p in head.parameters()]
 
     def _mark_trainable(self, freeze_base: bool = False) -> None:
-        """Base frozen; only the active adapters train, unless they were loaded for inference."""
+        """Base frozen; only the active adapters train, unless they were loaded for inference. An active adapter
+        with bias="all" also trains every bias of the model, with "lora_only" the biases of the LoRA-wrapped layers
+        (PEFT's rules; like PEFT, switching adapters does not freeze them again)."""
         if freeze_base:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -139,6 +141,9 @@ class LoraModel(nn.Module):
             for p in self.adapter_parameters(name):
                 if p.requires_grad != train:
                     p.requires_grad_(train)
+            if train:
+                for p in trained_biases(self.model, config.bias):
+                    p.requires_grad_(True)
 
     # --- merging ----------------------------------------------------------------------------------------------
 
@@ -201,6 +206,9 @@ class LoraModel(nn.Module):
         if density is not None:
             raise ValueError(f"density={density!r} applies to ties/dare/magnitude_prune, which smolpeft does not do")
         configs = [self.peft_config[a] for a in adapters]
+        dora = [a for a, c in zip(adapters, configs) if c.use_dora]
+        if dora:  # a magnitude is tied to its own direction; a combination has no meaningful one
+            raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters {dora}; merge them one by one instead")
         shared = [p for p, m in self.model.named_modules()
                   if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1]
         if shared:
@@ -242,6 +250,17 @@ class LoraModel(nn.Module):
                     src = next((a for a in adapters if a in m.modules_to_save), None)
                     if src is not None:
                         m.modules_to_save[adapter_name].load_state_dict(m.modules_to_save[src].state_dict())
+
+
+def trained_biases(model: nn.Module, bias: str) -> list[nn.Parameter]:
+    """The base biases an adapter with this `bias` setting trains: "all" every `*.bias` of the model (but the frozen
+    originals of modules_to_save, as in PEFT), "lora_only" those of the LoRA-wrapped layers, "none" none."""
+    if bias == "all":
+        return [p for n, p in model.named_parameters()
+                if (n == "bias" or n.endswith(".bias")) and ".original_module." not in f".{n}"]
+    if bias == "lora_only":
+        return [m.bias for _, m in lora.lora_layers(model) if m.bias is not None]
+    return []
 
 
 def inject_adapter_in_model(

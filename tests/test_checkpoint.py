@@ -113,8 +113,8 @@ def test_config_fields(adapter):
         smolpeft.PeftModel.from_pretrained(tiny.llama(), adapter)
     msgs = [str(w.message) for w in caught if "ignoring fields" in str(w.message)]
     assert len(msgs) == 1 and msgs[0].endswith("bar, foo")
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg | {"use_qalora": True}))
+    with pytest.raises(ValueError, match="use_qalora=True is not supported"):
         smolpeft.PeftModel.from_pretrained(tiny.llama(), adapter)
 
 
