@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import WEIGHTS_NAME, LoraConfig
-from .lora import LoraLayer, _pattern_value, _shape, resolve_targets
+from .lora import LoraLayer, layer_shape, pattern_value, resolve_targets
 from .storage import atomic_write
 
 BIN_NAME = "adapter_model.bin"
@@ -298,8 +298,8 @@ def check_header(directory: str | os.PathLike, inner: nn.Module, config, ignore_
     promised = 0
     for target in resolve_targets(inner, config):
         module = inner.get_submodule(target)
-        fan_in, fan_out, _ = _shape(module.base_layer if isinstance(module, LoraLayer) else module)
-        r = _pattern_value(target, config.rank_pattern, config.r)
+        fan_in, fan_out, _ = layer_shape(module.base_layer if isinstance(module, LoraLayer) else module)
+        r = pattern_value(target, config.rank_pattern, config.r)
         promised += r * (fan_in + fan_out)
         emb = isinstance(module.base_layer if isinstance(module, LoraLayer) else module, nn.Embedding)
         keys = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
@@ -360,7 +360,7 @@ def principal_weights(inner: nn.Module, config: LoraConfig, weights: dict[str, t
     def initial(key: str, r: int):
         path = key.removeprefix("base_model.model.")
         layer = inner.get_submodule(path)
-        alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha)
+        alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
         return layer.principal_factors(config.init_lora_weights, r, config.scaling(r, alpha))
 
     return _stack_principal(weights, initial)

@@ -28,7 +28,7 @@ class AdapterState:
     row_adapters: list[str] | None = None  # one adapter name per batch row (mixed-adapter batches)
 
 
-def _shape(base: nn.Module) -> tuple[int, int, bool]:
+def layer_shape(base: nn.Module) -> tuple[int, int, bool]:
     """(in, out, transposed): LoRA sees every base as x ↦ W x with W out×in; Conv1D and Embedding store Wᵀ."""
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim, True
@@ -66,7 +66,7 @@ class LoraLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, state: AdapterState):
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features, self.fan_in_fan_out = _shape(base_layer)
+        self.in_features, self.out_features, self.fan_in_fan_out = layer_shape(base_layer)
         self.is_embedding = isinstance(base_layer, nn.Embedding)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
@@ -573,7 +573,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
-def _pattern_value(name: str, patterns: dict, default):
+def pattern_value(name: str, patterns: dict, default):
     for p, v in patterns.items():
         if re.match(rf"(.*\.)?{p}$", name):
             return v
@@ -588,8 +588,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState,
         if not isinstance(layer, LoraLayer):
             layer = LoraLayer(layer, state)
             model.set_submodule(path, layer)
-        r = _pattern_value(path, config.rank_pattern, config.r)
-        alpha = _pattern_value(path, config.alpha_pattern, config.lora_alpha)
+        r = pattern_value(path, config.rank_pattern, config.r)
+        alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
         layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32)
     if config.target_modules == "all-linear":
         config.target_modules = targets  # PEFT (0.21) saves the resolved full names, so the file loads on any version
