@@ -8,8 +8,15 @@ import json
 import os
 import sys
 import traceback
+from importlib import resources
+from typing import TYPE_CHECKING
 
 from . import storage
+from .train import ALIASES, TrainConfig, parse_targets
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 TRAIN_EXAMPLES = """examples:
   smolpeft train                                    # LoRA on the bundled MiniLM, built-in sentiment task
@@ -46,7 +53,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--quantize", choices=["nf4"], help="load the base in 4-bit NF4 (bitsandbytes)")
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     adapters = {}
@@ -61,70 +68,69 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _flag_type(annotation: str):
+    """The argparse type of a TrainConfig field, from its annotation (a string under postponed evaluation)."""
+    if annotation.startswith("list[str] | str"):
+        return parse_targets
+    return next((t for t in (float, int) if t.__name__ in annotation), str)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file whose keys are the flag names (with - or _)")
-    p.add_argument("--model", help="base model directory or Hub id (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--data", help="JSONL/JSON/CSV/Parquet file, or a Hub dataset name")
-    p.add_argument("--task", help="built-in task: sentiment, topic, intent, chat (default: sentiment)")
-    p.add_argument("--method", choices=["lora", "qlora", "prompt", "full"])
-    p.add_argument("--output-dir")
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace a non-empty --output-dir, only if smolpeft wrote it and it holds nothing else")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--schedule", choices=["constant", "linear", "cosine"])
-    p.add_argument("--warmup", type=float, help="warmup as a fraction of the steps")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--clip", type=float, help="max gradient norm (0: off)")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--targets", help="comma-separated module names, a regex, or all-linear")
-    p.add_argument("--rslora", action="store_true", default=None)
-    p.add_argument("--virtual-tokens", type=int)
-    p.add_argument("--prompt-init", choices=["RANDOM", "TEXT", "SAMPLE_VOCAB"])
-    p.add_argument("--prompt-init-text")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", help="a checkpoint-N directory written by --save-every")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--early-stop", type=int, help="patience in evals without a lower eval loss")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--train-on-prompt", action="store_true", default=None)
-    p.add_argument("--packing", action="store_true", default=None,
-                   help="causal LM: pack examples into --max-length rows, attention kept within each example")
-    p.add_argument("--fsdp", action="store_true", default=None,
-                   help="under torchrun: shard the frozen base across ranks (FSDP2); adapters stay replicated")
+    """One flag per TrainConfig field (--lora-alpha), plus its short name if it has one (--alpha)."""
+    p.add_argument("--config", help="YAML file (or a bundled recipe's name) whose keys are TrainConfig's fields or "
+                                    "the flag names (with - or _); flags given here win")
+    short = {field: alias for alias, field in ALIASES.items()}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{short[f.name].replace('_', '-')}"] if f.name in short else [])
+        kw = {"dest": f.name, "help": f.metadata.get("help")}
+        if f.type.startswith("bool"):
+            p.add_argument(*names, action="store_true", default=None, **kw)
+        else:
+            p.add_argument(*names, type=_flag_type(f.type), choices=f.metadata.get("choices"), **kw)
 
 
-def train_config(args: argparse.Namespace):
-    """Defaults, then the YAML file, then the flags given on the command line."""
+def recipe_path(name: str) -> str:
+    """A --config value: a YAML file, or the name of a recipe bundled in smolpeft/configs (with or without .yaml)."""
+    if os.path.exists(name):
+        return name
+    bundled = resources.files("smolpeft") / "configs" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if bundled.is_file():
+        return str(bundled)
+    known = sorted(p.name.removesuffix(".yaml") for p in (resources.files("smolpeft") / "configs").iterdir())
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled recipe ({', '.join(known)})")
+
+
+def read_recipe(path: str) -> dict:
+    """A YAML run file as TrainConfig keywords: keys are field names or short names, with - or _."""
     import yaml
 
-    from .train import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    with open(path, encoding="utf-8") as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
     values = {}
-    if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of option: value")
-        for k, v in loaded.items():
-            key = k.replace("-", "_")
-            if key not in fields:
-                raise ValueError(f"{args.config}: unknown key {k!r}; known: {', '.join(sorted(fields))}")
-            values[key] = v
-    values |= {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for k, v in loaded.items():
+        key = k.replace("-", "_")
+        if key in ALIASES:
+            key, v = ALIASES[key], parse_targets(v) if key == "targets" and isinstance(v, str) else v
+        if key not in keys:
+            raise ValueError(f"{path}: unknown key {k!r}; known: {', '.join(sorted(keys))}")
+        values[key] = v
+    return values
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    values = read_recipe(recipe_path(args.config)) if args.config else {}
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    values |= {k: v for k, v in vars(args).items() if k in keys and v is not None}
     return TrainConfig(**values)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     s = train(train_config(args))
@@ -144,82 +150,40 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load(adapter: str | None, model: str | None, for_training: bool = False, load_4bit: bool = False):
-    """(model, tokenizer, kind) from an adapter dir (base from --model or the adapter's config) or a plain model."""
-    import transformers
-
-    from .config import load_config
-    from .model import PeftModel
-
-    if adapter is None and model is None:
-        raise ValueError("give --adapter DIR and/or --model BASE")
-    config = load_config(adapter) if adapter else None
-    base_path = model or config.base_model_name_or_path
-    if not base_path:
-        raise ValueError(f"{adapter}/adapter_config.json has no base_model_name_or_path; pass --model")
-    kind = "cls" if config and config.task_type == "SEQ_CLS" else None
-    if kind is None:
-        mc = transformers.AutoConfig.from_pretrained(base_path)
-        kind = "cls" if any(a.endswith("ForSequenceClassification") for a in (mc.architectures or [])) else "lm"
-    tok_src = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base_path
-    tok = transformers.AutoTokenizer.from_pretrained(tok_src)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    kw = {}
-    if load_4bit:
-        from .qlora import bnb_config
-
-        kw["quantization_config"] = bnb_config()
-    if kind == "cls":
-        from .checkpoint import read_weights
-
-        if adapter:
-            for k, v in read_weights(adapter).items():
-                if k.endswith(("classifier.weight", "score.weight")):
-                    kw["num_labels"] = v.shape[0]
-            names = storage.read_labels(adapter)
-            if names is not None:
-                if "num_labels" in kw and kw["num_labels"] != len(names):
-                    raise ValueError(f"{adapter}: {storage.LABELS_NAME} names {len(names)} labels, the adapter's head has {kw['num_labels']}")
-                kw |= {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-        base = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, **kw)
-    else:
-        base = transformers.AutoModelForCausalLM.from_pretrained(base_path, **kw)
-    m = PeftModel.from_pretrained(base, adapter, is_trainable=for_training) if adapter else base
-    return m.eval(), tok, kind, base_path
-
-
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import TaskType
     from .data import encode, load_data
+    from .loader import load
     from .train import evaluate
 
-    model, tok, kind, _ = _load(args.adapter, args.model)
+    model, tok, kind, _ = load(args.model, args.adapter)
     ds = load_data(args.data, args.task)
     if ds.kind != kind:
-        raise ValueError(f"the data is for {'classification' if ds.kind == 'cls' else 'language modelling'}, the model is not")
-    if kind == "cls":
+        what = "classification" if ds.kind == TaskType.SEQ_CLS else "language modelling"
+        raise ValueError(f"the data is for {what}, the model is not")
+    if kind == TaskType.SEQ_CLS:
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         if set(ds.labels) - set(names):
             raise ValueError(f"labels {sorted(set(ds.labels) - set(names))} are unknown to the model (it has {names})")
         ds.labels = names  # the model's label order decides the ids
     examples, _ = encode(ds, "eval", tok, args.max_length)
     result = evaluate(model, examples, kind, tok.pad_token_id)
-    if kind == "lm" and args.exact_match:
+    if kind == TaskType.CAUSAL_LM and args.exact_match:
         result["exact_match"] = exact_match(model, tok, ds.eval, args.max_new_tokens)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def exact_match(model, tok, rows: list[dict], max_new_tokens: int) -> float:
+def exact_match(model: nn.Module, tok: PreTrainedTokenizerBase, rows: list[dict], max_new_tokens: int) -> float:
     """Share of rows whose greedy continuation equals the reference completion or last assistant turn."""
     import torch
 
-    from .data import _chat
+    from .data import render_chat
 
     hits = 0
     for row in rows:
         if "messages" in row:
-            ids, ref = _chat(tok, row["messages"][:-1], add_generation_prompt=True), row["messages"][-1]["content"]
+            ids, ref = render_chat(tok, row["messages"][:-1], add_generation_prompt=True), row["messages"][-1]["content"]
         else:
             ids, ref = tok(row["prompt"])["input_ids"], row["completion"]
         out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
@@ -228,20 +192,23 @@ def exact_match(model, tok, rows: list[dict], max_new_tokens: int) -> float:
     return hits / max(len(rows), 1)
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import _chat
+    from .config import TaskType
+    from .data import render_chat
+    from .loader import load
 
-    model, tok, kind, _ = _load(args.adapter, args.model)
-    if kind == "cls":
+    model, tok, kind, _ = load(args.model, args.adapter)
+    if kind == TaskType.SEQ_CLS:
         enc = tok(args.prompt, return_tensors="pt")
         with torch.no_grad():
             probs = model(**enc).logits.softmax(-1)[0]
         for i in probs.argsort(descending=True).tolist():
             print(f"{model.config.id2label[i]}\t{probs[i]:.4f}")
         return 0
-    ids = _chat(tok, [{"role": "user", "content": args.prompt}], add_generation_prompt=True) if args.chat else tok(args.prompt)["input_ids"]
+    prompt = [{"role": "user", "content": args.prompt}]
+    ids = render_chat(tok, prompt, add_generation_prompt=True) if args.chat else tok(args.prompt)["input_ids"]
     sample = args.temperature > 0
     out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=sample,
                          temperature=args.temperature if sample else None, pad_token_id=tok.pad_token_id)
@@ -249,16 +216,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from .config import load_config
+    from .loader import load
     from .qlora import DTYPES, dequantize
 
     model_dir = args.model or (load_config(args.adapter).base_model_name_or_path if os.path.isdir(args.adapter) else None)
     protected = {"the adapter": args.adapter, "the base model": model_dir}
     storage.check_output_dir(args.output_dir, args.overwrite, protected)  # before the slow part: fail fast
-    model, tok, kind, base_path = _load(args.adapter, args.model, load_4bit=args.load_4bit)
+    model, tok, _, base_path = load(args.model, args.adapter, quantize="nf4" if args.load_4bit else None)
     probe = tok(["The quick brown fox jumps over the lazy dog.", "Hello!"], return_tensors="pt", padding=True)
     with torch.no_grad():
         before = model(**probe).logits
@@ -281,7 +249,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_weights
     from .config import WEIGHTS_NAME, load_config
 
@@ -385,7 +353,7 @@ def _experiment_config(args, default_steps: int):
     return cfg
 
 
-def cmd_sweep(args) -> int:
+def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import sweep
 
     out = args.output_dir or "runs/sweep"
@@ -396,7 +364,7 @@ def cmd_sweep(args) -> int:
     return 0 if rows else 1
 
 
-def cmd_compare_init(args) -> int:
+def cmd_compare_init(args: argparse.Namespace) -> int:
     from .sweep import compare_init
 
     out = args.output_dir or "runs/compare-init"
@@ -408,28 +376,20 @@ def cmd_compare_init(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "compare-init": cmd_compare_init, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-            "serve": cmd_serve}
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bar is the one that matters; loading bars from transformers/datasets only add noise."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
+            "serve": cmd_serve, "sweep": cmd_sweep, "compare-init": cmd_compare_init}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv == ["--debug"]:
         argv = [*argv, "train"]  # bare `smolpeft` runs the main job
+    from .train import quiet_libraries
+
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     if args.command is None:
-        build_parser().error("choose a command: train, eval, generate, merge, inspect")
+        build_parser().error(f"choose a command: {', '.join(COMMANDS)}")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

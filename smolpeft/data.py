@@ -7,10 +7,16 @@ import os
 import random
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import torch
 
-IGNORE = -100  # label value that the loss skips
+from .config import TaskType
+from .loss import IGNORE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 BUILTIN = ("sentiment", "topic", "intent", "chat")
 DEFAULT_CHAT_TEMPLATE = (  # used when a tokenizer has none: plain role headers, one turn per block
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -20,11 +26,12 @@ DEFAULT_CHAT_TEMPLATE = (  # used when a tokenizer has none: plain role headers,
 
 @dataclass
 class Dataset:
-    """Rows of one task: `kind` is "cls" (text/label) or "lm" (messages, prompt/completion or text)."""
+    """Rows of one task: `kind` is TaskType.SEQ_CLS (text/label) or TaskType.CAUSAL_LM (messages,
+    prompt/completion or text)."""
 
     train: list[dict]
     eval: list[dict]
-    kind: str
+    kind: TaskType
     labels: list[str] = field(default_factory=list)
     name: str = ""
 
@@ -44,9 +51,9 @@ def load_builtin(name: str) -> Dataset:
     d = _task_dir(name)
     train, test = _read_jsonl(d / "train.jsonl"), _read_jsonl(d / "test.jsonl")
     if name == "chat":
-        return Dataset(train, test, "lm", name=name)
+        return Dataset(train, test, TaskType.CAUSAL_LM, name=name)
     labels = json.loads((d / "labels.json").read_text())
-    return Dataset(train, test, "cls", labels, name)
+    return Dataset(train, test, TaskType.SEQ_CLS, labels, name)
 
 
 def _schema(row: dict, index: int, source: str) -> str:
@@ -134,8 +141,8 @@ def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Data
     kind = _schema(train[0], 0, spec)
     if kind == "text_label":
         labels = sorted({str(r["label"]) for r in train + evals})
-        return Dataset(train, evals, "cls", labels, spec)
-    return Dataset(train, evals, "lm", name=spec)
+        return Dataset(train, evals, TaskType.SEQ_CLS, labels, spec)
+    return Dataset(train, evals, TaskType.CAUSAL_LM, name=spec)
 
 
 def load_data(data: str | None, task: str | None, labels: list[str] | None = None) -> Dataset:
@@ -144,7 +151,7 @@ def load_data(data: str | None, task: str | None, labels: list[str] | None = Non
         raise ValueError("give data or task, not both")
     ds = load_user_data(data) if data else load_builtin(task or "sentiment")
     if labels:
-        if ds.kind != "cls":
+        if ds.kind != TaskType.SEQ_CLS:
             raise ValueError("labels apply to classification data (text/label)")
         missing = sorted(set(ds.labels) - set(labels))
         if missing:
@@ -153,21 +160,26 @@ def load_data(data: str | None, task: str | None, labels: list[str] | None = Non
     return ds
 
 
-def _field(row: dict, key: str, i: int, source: str, kind=str):
+def _field(row: dict, key: str, i: int, source: str, kind: type | tuple = str):
     if key not in row or row[key] is None:
         raise ValueError(f"{source}: row {i}: missing field {key!r}")
     if not isinstance(row[key], kind):
-        raise ValueError(f"{source}: row {i}: field {key!r} must be {kind.__name__}, found {type(row[key]).__name__}")
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{source}: row {i}: field {key!r} must be {expected}, found {type(row[key]).__name__}")
     return row[key]
 
 
-def _chat(tokenizer, messages, **kw) -> list[int]:
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **kw) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template (a plain default when it has none)."""
     template = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
     out = tokenizer.apply_chat_template(messages, tokenize=True, chat_template=template, **kw)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-def encode_lm_row(row: dict, i: int, tokenizer, train_on_prompt: bool, source: str) -> tuple[list[int], list[int]]:
+_chat = render_chat  # the old name, still imported by tests/test_serve.py (not this module's owner's): drop with it
+
+
+def encode_lm_row(row: dict, i: int, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, source: str) -> tuple[list[int], list[int]]:
     """Token ids and labels; labels are IGNORE on prompt tokens unless train_on_prompt."""
     schema = _schema(row, i, source)
     if schema == "messages":
@@ -177,14 +189,14 @@ def encode_lm_row(row: dict, i: int, tokenizer, train_on_prompt: bool, source: s
                 raise ValueError(f"{source}: row {i}: field 'messages[{j}]' needs string 'role' and 'content'")
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError(f"{source}: row {i}: field 'messages' has no assistant turn to learn from")
-        ids = _chat(tokenizer, msgs)
+        ids = render_chat(tokenizer, msgs)
         labels = list(ids) if train_on_prompt else [IGNORE] * len(ids)
         if not train_on_prompt:
             # An assistant turn's tokens are what the conversation up to it adds after the generation prompt.
             for j, m in enumerate(msgs):
                 if m["role"] == "assistant":
-                    start = len(_chat(tokenizer, msgs[:j], add_generation_prompt=True))
-                    end = len(_chat(tokenizer, msgs[: j + 1]))
+                    start = len(render_chat(tokenizer, msgs[:j], add_generation_prompt=True))
+                    end = len(render_chat(tokenizer, msgs[: j + 1]))
                     labels[start:end] = ids[start:end]
         return ids, labels
     if schema == "prompt_completion":
@@ -217,7 +229,7 @@ def bound_text(row: dict, max_chars: int) -> dict:
     return {k: cut(v) for k, v in row.items()}
 
 
-def encode(ds: Dataset, split: str, tokenizer, max_length: int, train_on_prompt: bool = False) -> tuple[list[dict], int]:
+def encode(ds: Dataset, split: str, tokenizer: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool = False) -> tuple[list[dict], int]:
     """Tokenize a split; returns examples and how many were truncated to max_length."""
     rows = ds.train if split == "train" else ds.eval
     # User files carry their own row numbers ("_row"); built-in splits are separate files, so name the split.
@@ -231,7 +243,7 @@ def encode(ds: Dataset, split: str, tokenizer, max_length: int, train_on_prompt:
             raise ValueError(f"{source}: row {i} is not an object")
         i = row.get("_row", i)
         row = bound_text(row, max_length * CHARS_PER_TOKEN)
-        if ds.kind == "cls":
+        if ds.kind == TaskType.SEQ_CLS:
             text = _field(row, "text", i, source)
             label = str(_field(row, "label", i, source, (str, int)))
             if label not in label_id:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .checkpoint import BIN_NAME
 from .config import CONFIG_NAME, WEIGHTS_NAME
-from .data import _chat
+from .data import render_chat
 from .lora import BASE
 from .model import PeftModel
 
@@ -138,18 +138,11 @@ class Engine:
              max_batch: int = 8, device: str | None = None, **limits) -> Engine:
         """The base from a directory or Hub id (4-bit NF4 with quantize="nf4"), with the named adapters loaded.
         `device` defaults to CUDA when there is one; `limits` are Engine's max_waiting and max_prompt_tokens."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .config import TaskType
+        from .loader import load
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        if quantize == "nf4":
-            from .qlora import bnb_config
-
-            base = AutoModelForCausalLM.from_pretrained(model, quantization_config=bnb_config(), device_map={"": device})
-        elif quantize is None:
-            base = AutoModelForCausalLM.from_pretrained(model).to(device)
-        else:
-            raise ValueError(f"quantize={quantize!r}; expected 'nf4' or None")
+        base, tokenizer, _, _ = load(model, task_type=TaskType.CAUSAL_LM, quantize=quantize, device=device)
         engine = cls(base, tokenizer, model, max_batch, **limits)
         for name, path in (adapters or {}).items():
             engine.load_adapter(name, path)
@@ -185,7 +178,7 @@ class Engine:
         for m in messages:
             _check_text(m["role"] + m["content"], "messages")
         try:
-            return _chat(self.tokenizer, messages, add_generation_prompt=True)
+            return render_chat(self.tokenizer, messages, add_generation_prompt=True)
         except Exception as e:  # a template may refuse the conversation (roles out of order, say)
             raise EngineError(Reason.BAD_REQUEST, f"the chat template rejected the messages: {e}", "messages") from None
 

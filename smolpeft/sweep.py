@@ -10,11 +10,13 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from . import storage
-from .train import TrainConfig, train
+from .config import TaskType
+from .train import TrainConfig, pyplot, quiet_libraries, save_figure, train
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 REPORT_PATTERNS = ("results.*", "init_results.*", "serving.*", "*.png", "runs")  # what a report directory holds
@@ -34,13 +36,10 @@ def fresh_report_dir(out_dir: str, overwrite: bool) -> None:
 
 
 def _train_quiet(cfg: TrainConfig) -> dict:
-    import os as _os
-    import sys as _sys
+    import sys
 
-    _sys.stderr = open(_os.devnull, "w")  # the parent shows one line per run; no bars from children
-    from .cli import _quiet_libraries
-
-    _quiet_libraries()
+    sys.stderr = open(os.devnull, "w")  # the parent shows one line per run; no bars from children
+    quiet_libraries()
     return train(cfg, log=lambda *_: None)
 
 
@@ -76,30 +75,15 @@ def _write_table(rows: list[dict], out_dir: str, name: str, columns: list[str]) 
     storage.atomic_write(os.path.join(out_dir, f"{name}.md"), ("\n".join(md) + "\n").encode())
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str) -> None:
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    _plt().close(fig)
-    os.replace(path + ".tmp.png", path)
-
-
-def sweep(base: TrainConfig, out_dir: str, ranks=RANKS, methods=("lora", "full", "prompt"), log=print) -> list[dict]:
+def sweep(base: TrainConfig, out_dir: str, ranks: Sequence[int] = RANKS, methods: Sequence[str] = ("lora", "full", "prompt"),
+          log: Callable[[str], None] = print) -> list[dict]:
     """Train `base` once per LoRA rank and once per other method, on the same data, steps and seed."""
     fresh_report_dir(out_dir, base.overwrite)
     runs = [(m, r) for m in methods for r in (ranks if m in ("lora", "qlora") else [None])]
     rows = []
     for i, (method, r) in enumerate(runs, 1):
         name = f"{method}-r{r}" if r else method
-        cfg = dataclasses.replace(base, method=method, rank=r or base.rank, alpha=None if r else base.alpha,
+        cfg = dataclasses.replace(base, method=method, r=r or base.r, lora_alpha=None if r else base.lora_alpha,
                                   output_dir=os.path.join(out_dir, "runs", name), resume=None, save_every=0,
                                   overwrite=False)
         s = run_isolated(cfg)
@@ -118,7 +102,7 @@ def sweep(base: TrainConfig, out_dir: str, ranks=RANKS, methods=("lora", "full",
 
 
 def _plot_sweep(rows: list[dict], out_dir: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     metric = rows[0]["metric"]
     lora = sorted((r for r in rows if r["rank"]), key=lambda r: r["rank"])
     others = [r for r in rows if not r["rank"]]
@@ -135,7 +119,7 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     ax.set_title(f"{metric} against LoRA rank")
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, os.path.join(out_dir, "metric_vs_rank.png"))
+    save_figure(fig, os.path.join(out_dir, "metric_vs_rank.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
@@ -147,7 +131,7 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     ax.set_ylabel(metric)
     ax.set_title("what each trainable parameter buys")
     ax.grid(alpha=0.3)
-    _save(fig, os.path.join(out_dir, "params_vs_metric.png"))
+    save_figure(fig, os.path.join(out_dir, "params_vs_metric.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
@@ -159,11 +143,12 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     ax.set_title("training loss")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
-    _save(fig, os.path.join(out_dir, "loss_curves.png"))
+    save_figure(fig, os.path.join(out_dir, "loss_curves.png"))
 
 
-def compare_init(base: TrainConfig, out_dir: str, tasks=("sentiment", "topic", "intent"),
-                 inits=("RANDOM", "TEXT", "SAMPLE_VOCAB"), token_counts=(8, 20), log=print) -> dict:
+def compare_init(base: TrainConfig, out_dir: str, tasks: Sequence[str] = ("sentiment", "topic", "intent"),
+                 inits: Sequence[str] = ("RANDOM", "TEXT", "SAMPLE_VOCAB"), token_counts: Sequence[int] = (8, 20),
+                 log: Callable[[str], None] = print) -> dict:
     """Prompt tuning with each init and token count on each task; every adapter evaluated on every task.
 
     All tasks share one classification head over the union of their labels, so that every adapter fits one base
@@ -175,12 +160,13 @@ def compare_init(base: TrainConfig, out_dir: str, tasks=("sentiment", "topic", "
     labels = [lab for t in tasks for lab in load_builtin(t).labels]
     if len(set(labels)) != len(labels):
         raise ValueError(f"tasks {tasks} share label names; a shared head needs distinct labels")
-    text = base.prompt_init_text or "Read the sentence and classify its sentiment, topic or intent."
+    text = base.prompt_tuning_init_text or "Read the sentence and classify its sentiment, topic or intent."
     rows = []
     runs = [(t, i, n) for t in tasks for i in inits for n in token_counts]
     for k, (task, init, n) in enumerate(runs, 1):
-        cfg = dataclasses.replace(base, task=task, data=None, method="prompt", prompt_init=init, virtual_tokens=n,
-                                  prompt_init_text=text if init == "TEXT" else None, labels=labels,
+        cfg = dataclasses.replace(base, task=task, data=None, method="prompt", prompt_tuning_init=init,
+                                  num_virtual_tokens=n, prompt_tuning_init_text=text if init == "TEXT" else None,
+                                  labels=labels,
                                   output_dir=os.path.join(out_dir, "runs", f"{task}-{init.lower()}-{n}"), resume=None,
                                   overwrite=False)
         s = run_isolated(cfg)
@@ -194,47 +180,39 @@ def compare_init(base: TrainConfig, out_dir: str, tasks=("sentiment", "topic", "
     return {"runs": rows, "serving": serving}
 
 
-def cross_task(rows, tasks, n, base: TrainConfig, out_dir: str, labels: list[str]) -> dict:
+def cross_task(rows: list[dict], tasks: Sequence[str], n: int, base: TrainConfig, out_dir: str,
+               labels: list[str]) -> dict:
     """Load every task's adapters into one base model; evaluate each on each task; time the switches."""
     import torch
-    import transformers
 
     from .data import encode, load_builtin
-    from .model import PeftModel
+    from .loader import load
     from .train import bundled_model, evaluate
 
-    model_path = base.model or bundled_model()
-    tok = transformers.AutoTokenizer.from_pretrained(model_path)
-    base_model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(labels), ignore_mismatched_sizes=True
-    )
-    full_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters())
     chosen = [r for r in rows if r["virtual_tokens"] == n]
-    model = None
-    for r in chosen:
-        name = f"{r['task']}-{r['init'].lower()}"
-        if model is None:
-            model = PeftModel.from_pretrained(base_model, r["run_dir"], adapter_name=name)
-        else:
-            model.load_adapter(r["run_dir"], adapter_name=name)
+    names = [f"{r['task']}-{r['init'].lower()}" for r in chosen]
+    model, tok, _, _ = load(base.model or bundled_model(), chosen[0]["run_dir"], task_type=TaskType.SEQ_CLS,
+                            labels=labels, adapter_name=names[0])
+    for r, name in zip(chosen[1:], names[1:]):
+        model.load_adapter(r["run_dir"], adapter_name=name)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.get_base_model().parameters())
     eval_sets = {}
     for t in tasks:
         ds = load_builtin(t)
         ds.labels = labels
         eval_sets[t] = encode(ds, "eval", tok, base.max_length)[0]
     matrix = {}
-    for r in chosen:
-        name = f"{r['task']}-{r['init'].lower()}"
+    for name in names:
         model.set_adapter(name)
-        matrix[name] = {t: evaluate(model, eval_sets[t], "cls", tok.pad_token_id)["eval_accuracy"] for t in tasks}
-    names = list(matrix)
+        matrix[name] = {t: evaluate(model, eval_sets[t], TaskType.SEQ_CLS, tok.pad_token_id)["eval_accuracy"]
+                        for t in tasks}
     switches = []
     with torch.no_grad():
         for i in range(200):
             t0 = time.perf_counter()
             model.set_adapter(names[i % len(names)])
             switches.append(time.perf_counter() - t0)
-    sizes = {f"{r['task']}-{r['init'].lower()}": _weights_size(r["run_dir"]) for r in chosen}
+    sizes = {name: _weights_size(r["run_dir"]) for r, name in zip(chosen, names)}
     serving = {"virtual_tokens": n, "matrix": matrix, "switch_ms_median": 1000 * statistics.median(switches),
                "adapter_bytes": sizes, "full_model_bytes": full_bytes}
     storage.atomic_write(os.path.join(out_dir, "serving.json"), (json.dumps(serving, indent=2) + "\n").encode())
@@ -247,11 +225,13 @@ def cross_task(rows, tasks, n, base: TrainConfig, out_dir: str, labels: list[str
     return serving
 
 
-def _plot_inits(rows, serving, tasks, inits, out_dir) -> None:
-    plt = _plt()
+def _plot_inits(rows: list[dict], serving: dict, tasks: Sequence[str], inits: Sequence[str], out_dir: str) -> None:
+    plt = pyplot()
     counts = sorted({r["virtual_tokens"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), sharey=True)
-    for ax, t in zip(axes if len(tasks) > 1 else [axes], tasks):
+    # squeeze=False: a 1 x k grid of axes even for one task (plain subplots returns a bare Axes then)
+    fig, grid = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), sharey=True, squeeze=False)
+    axes = list(grid[0])
+    for ax, t in zip(axes, tasks):
         width = 0.8 / len(inits)
         for j, init in enumerate(inits):
             vals = [next(r["accuracy"] for r in rows if r["task"] == t and r["init"] == init and r["virtual_tokens"] == c)
@@ -263,7 +243,7 @@ def _plot_inits(rows, serving, tasks, inits, out_dir) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("held-out accuracy")
     axes[-1].legend(fontsize=8)
-    _save(fig, os.path.join(out_dir, "init_comparison.png"))
+    save_figure(fig, os.path.join(out_dir, "init_comparison.png"))
 
     names = list(serving["matrix"])
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 3, 0.45 * len(names) + 1.5))
@@ -277,4 +257,4 @@ def _plot_inits(rows, serving, tasks, inits, out_dir) -> None:
     ax.set_xlabel("evaluated on")
     ax.set_title("adapter x task accuracy")
     fig.colorbar(im, ax=ax)
-    _save(fig, os.path.join(out_dir, "task_matrix.png"))
+    save_figure(fig, os.path.join(out_dir, "task_matrix.png"))

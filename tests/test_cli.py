@@ -77,3 +77,13 @@ def test_train_refuses_a_used_output_dir_in_one_line(cls_run, capsys):
                "--max-steps", "1"])
     assert rc == 1
     assert _one_line_error(capsys).endswith("or overwrite it if it is a smolpeft output (--overwrite)")
+
+
+def test_missing_command_lists_every_command(capsys):
+    from smolpeft.cli import COMMANDS
+
+    with pytest.raises(SystemExit) as e:
+        main(["--debug", "--debug"])  # no command (a bare `smolpeft` runs train)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"choose a command: {', '.join(COMMANDS)}" in err and len(COMMANDS) == 8

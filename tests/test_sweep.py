@@ -8,6 +8,7 @@ import pytest
 import tiny
 import transformers
 
+from smolpeft.cli import main
 from smolpeft.sweep import compare_init, sweep
 from smolpeft.train import TrainConfig, bundled_model
 
@@ -48,6 +49,12 @@ def test_compare_init_matrix_and_switching(tmp_path):
     assert all(b < out["serving"]["full_model_bytes"] for b in out["serving"]["adapter_bytes"].values())
     for f in ("init_results.md", "init_results.csv", "serving.md", "init_comparison.png", "task_matrix.png"):
         assert (tmp_path / "r" / f).stat().st_size > 0
+
+    # one task: matplotlib then returns a single Axes, not an array of them; the report must still be written
+    rc = main(["compare-init", "--model", str(d), "--tasks", "sentiment", "--inits", "RANDOM", "--token-counts", "2",
+               "--max-steps", "1", "--output-dir", str(tmp_path / "one")])
+    assert rc == 0
+    assert (tmp_path / "one/init_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_dirs_are_never_mixed_or_destroyed(lm, tmp_path):

@@ -13,7 +13,9 @@ import transformers
 
 import smolpeft
 from smolpeft.cli import main
-from smolpeft.data import IGNORE, Dataset, encode, encode_lm_row, load_user_data
+from smolpeft.config import TaskType
+from smolpeft.data import Dataset, encode, encode_lm_row, load_user_data, render_chat
+from smolpeft.loss import IGNORE
 from smolpeft.train import TrainConfig, lr_factor, train
 
 
@@ -38,7 +40,7 @@ def test_causal_lm_end_to_end(lm, tmp_path, capsys):
     assert all({"loss", "lr", "tokens_per_s"} <= m.keys() for m in metrics if "loss" in m)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
-    assert summary["tokens_per_s"] > 0 and summary["peak_rss_mb"] > 0 and summary["config"]["rank"] == 8
+    assert summary["tokens_per_s"] > 0 and summary["peak_rss_mb"] > 0 and summary["config"]["r"] == 8
 
     # the adapter loads in peft and gives our outputs
     x = tiny.ids(vocab=300)
@@ -53,7 +55,10 @@ def test_causal_lm_end_to_end(lm, tmp_path, capsys):
     assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
     assert 0 <= result["exact_match"] <= 1
     assert main(["generate", "--adapter", str(run), "--prompt", "what is 2 plus 3 ?", "--chat", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip()
+    tok = transformers.AutoTokenizer.from_pretrained(run)
+    prompt = render_chat(tok, [{"role": "user", "content": "what is 2 plus 3 ?"}], add_generation_prompt=True)
+    greedy = ours.generate(input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert capsys.readouterr().out == tok.decode(greedy[0, len(prompt):], skip_special_tokens=True) + "\n"
 
     assert main(["merge", "--adapter", str(run), "--output-dir", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -137,10 +142,10 @@ def test_bad_rows_name_the_row_and_field(lm, tmp_path, capsys):
     assert rc == 1 and len(err.splitlines()) == 1
     assert f"{bad}: row 2: field 'messages[0]' needs string 'role' and 'content'" in err
     tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
-    ds = Dataset([{"text": "fine", "label": "pos"}, {"text": "bad"}], [], "cls", ["pos", "neg"], "x.jsonl")
+    ds = Dataset([{"text": "fine", "label": "pos"}, {"text": "bad"}], [], TaskType.SEQ_CLS, ["pos", "neg"], "x.jsonl")
     with pytest.raises(ValueError, match=r"x.jsonl \(train\): row 1: missing field 'label'"):
         encode(ds, "train", tok, 64)
-    ds = Dataset([{"text": "fine", "label": "maybe"}], [], "cls", ["pos", "neg"], "x.jsonl")
+    ds = Dataset([{"text": "fine", "label": "maybe"}], [], TaskType.SEQ_CLS, ["pos", "neg"], "x.jsonl")
     with pytest.raises(ValueError, match=r"row 0: field 'label' is 'maybe'; known labels: pos, neg"):
         encode(ds, "train", tok, 64)
 
@@ -153,7 +158,7 @@ def test_file_formats_and_truncation(lm, tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     for f in ("d.csv", "d.parquet"):
         ds = load_user_data(str(tmp_path / f))
-        assert ds.kind == "cls" and ds.labels == ["bad", "good"] and len(ds.train) == 36 and len(ds.eval) == 4
+        assert ds.kind == TaskType.SEQ_CLS and ds.labels == ["bad", "good"] and len(ds.train) == 36 and len(ds.eval) == 4
     tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
     ds = load_user_data(str(lm / "chat.jsonl"))
     examples, truncated = encode(ds, "train", tok, 10)
@@ -169,19 +174,7 @@ def test_lr_schedules():
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
 
 
-def test_yaml_config_and_flag_override(lm, tmp_path):
-    from smolpeft.cli import build_parser, train_config
-
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: m\nrank: 4\nmax-steps: 7\nlr: 0.1\n")
-    c = train_config(build_parser().parse_args(["train", "--config", str(cfg), "--lr", "0.5"]))
-    assert (c.model, c.rank, c.max_steps, c.lr) == ("m", 4, 7, 0.5)
-    cfg.write_text("rnak: 4\n")
-    with pytest.raises(ValueError, match="unknown key 'rnak'"):
-        train_config(build_parser().parse_args(["train", "--config", str(cfg)]))
-
-
-@pytest.mark.parametrize("cmd", ["train", "eval", "generate", "merge", "inspect"])
+@pytest.mark.parametrize("cmd", ["train", "eval", "generate", "merge", "inspect", "serve", "sweep", "compare-init"])
 def test_every_command_has_help_with_examples(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -264,7 +257,7 @@ def test_resume_refuses_another_runs_checkpoint(lm, tmp_path):
         ({"model": str(other_base)}, "base_model was"),
         ({"model": str(tmp_path / "base3")}, "base_model was"),
         ({"method": "prompt"}, "method was 'lora', now 'prompt'"),
-        ({"rank": 4}, "rank was 8, now 4"),
+        ({"rank": 4}, "r was 8, now 4"),
     ]):
         with pytest.raises(ValueError, match=f"resume: {ckpt} belongs to another run: {msg}"):
             _quiet(_tiny_run(lm, tmp_path / f"b{i}", resume=ckpt, **kw))
@@ -363,3 +356,12 @@ def test_kill9_during_checkpointing_then_resume_is_bit_identical(lm, tmp_path):
         assert all(torch.equal(got[k], reference[k]) for k in reference), f"trial {trial}"
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     assert len({o for o in outcomes if o.startswith("checkpoint-")}) >= 2  # the kills fell at different checkpoints
+
+
+def test_checkpoints_with_the_old_option_names_still_match():
+    from smolpeft.train import check_resume
+
+    current = {"base_model": "m", "r": 8, "lora_alpha": None, "lr": 1e-3}
+    check_resume({"base_model": "m", "rank": 8, "alpha": None, "lr": 1e-3}, current, "ckpt", print)
+    with pytest.raises(ValueError, match="r was 4, now 8"):
+        check_resume({"base_model": "m", "rank": 4, "alpha": None, "lr": 1e-3}, current, "ckpt", print)

@@ -78,3 +78,21 @@ def minilm_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassificat
 def ids(vocab: int = 128, batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def train_steps(model: torch.nn.Module, x: torch.Tensor, steps: int, lr: float, optimizer=torch.optim.AdamW,
+                check=None) -> list[float]:
+    """Language-model `x` for `steps` optimizer steps over the trainable parameters; the losses, one per step.
+    `check(model)` runs after each backward, before the step (say, to assert which gradients exist). The caller
+    sets the mode (model.train() for dropout)."""
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        if check:
+            check(model)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
