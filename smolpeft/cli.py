@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "  smolpeft sweep --model ./my-llama --data chat.jsonl --ranks 4,16 --methods lora,prompt")
     _add_train_args(p)
     p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="comma-separated LoRA ranks")
-    p.add_argument("--methods", default="lora,full,prompt", help="comma-separated: lora, qlora, full, prompt")
+    p.add_argument("--methods", default="lora,full,prompt", help="comma-separated: lora, dora, qlora, full, prompt")
 
     p = sub.add_parser("compare-init", help="prompt-tuning inits x token counts x tasks, and the task x adapter matrix",
                        formatter_class=raw, epilog="examples:\n  smolpeft compare-init\n"

@@ -176,7 +176,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **kw) 
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-_chat = render_chat  # the old name, still imported by tests/test_serve.py (not this module's owner's): drop with it
 
 
 def encode_lm_row(row: dict, i: int, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, source: str) -> tuple[list[int], list[int]]:

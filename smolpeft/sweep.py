@@ -79,7 +79,7 @@ def sweep(base: TrainConfig, out_dir: str, ranks: Sequence[int] = RANKS, methods
           log: Callable[[str], None] = print) -> list[dict]:
     """Train `base` once per LoRA rank and once per other method, on the same data, steps and seed."""
     fresh_report_dir(out_dir, base.overwrite)
-    runs = [(m, r) for m in methods for r in (ranks if m in ("lora", "qlora") else [None])]
+    runs = [(m, r) for m in methods for r in (ranks if m in ("lora", "dora", "qlora") else [None])]
     rows = []
     for i, (method, r) in enumerate(runs, 1):
         name = f"{method}-r{r}" if r else method
@@ -108,8 +108,10 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     others = [r for r in rows if not r["rank"]]
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(r["method"] for r in lora):  # one rank line per LoRA method (lora, dora, qlora)
+        line = [r for r in lora if r["method"] == method]
+        ax.plot([r["rank"] for r in line], [r["value"] for r in line], "o-", label=method.upper())
     if lora:
-        ax.plot([r["rank"] for r in lora], [r["value"] for r in lora], "o-", label="LoRA")
         ax.set_xscale("log", base=2)
     for r, style in zip(others, ["--", ":", "-."]):
         ax.axhline(r["value"], linestyle=style, color="gray" if r["method"] == "full" else "tab:orange",

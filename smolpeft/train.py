@@ -26,14 +26,15 @@ from . import checkpoint, storage
 from .config import LoraConfig, PromptTuningConfig, TaskType
 from .data import batch_order, collate, encode, load_data, pack
 from .loader import load
+from .loraplus import create_loraplus_optimizer
 from .loss import IGNORE, TrainingLoss
 from .model import PeftModel, get_peft_model
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-METHODS = ("lora", "qlora", "prompt", "full")
-DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
+METHODS = ("lora", "dora", "qlora", "prompt", "full")  # dora: LoRA with use_dora=True
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
 STATE_NAME = "trainer_state.pt"
 RUN_PATTERNS = ("checkpoint-*", "metrics.jsonl")  # what a run directory gains while it trains
 # Options a resumed run may change (they are logged); every other option, the base model, the data and the shapes
@@ -97,6 +98,7 @@ class TrainConfig:
     target_modules: list[str] | str | None = opt(help="comma-separated module names, a regex, or all-linear "
                                                       "(default: per architecture)")
     use_rslora: bool = opt(False, help="scale by lora_alpha / sqrt(r)")
+    loraplus_ratio: float | None = opt(help="LoRA+: lora_B learns at lr times this ratio (e.g. 16)")
     # PromptTuningConfig's fields
     num_virtual_tokens: int = opt(20)
     prompt_tuning_init: str = opt("RANDOM", choices=("RANDOM", "TEXT", "SAMPLE_VOCAB"))
@@ -138,6 +140,9 @@ class TrainConfig:
         if self.fsdp and self.method in ("full", "qlora"):
             raise ValueError(f"fsdp shards a frozen base under LoRA or prompt tuning; method={self.method!r} is not supported "
                              "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)")
+        if self.loraplus_ratio is not None and (self.loraplus_ratio <= 0 or self.method not in ("lora", "dora", "qlora")):
+            raise ValueError(f"loraplus_ratio must be positive and applies to LoRA methods; got {self.loraplus_ratio} "
+                             f"with method={self.method!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 
@@ -148,6 +153,8 @@ class TrainConfig:
         values = {n: getattr(self, n) for n in names}
         if cls is LoraConfig and self.lora_alpha is None:
             values["lora_alpha"] = 2 * self.r
+        if cls is LoraConfig:
+            values["use_dora"] = self.method == "dora"
         extra = {"tokenizer_name_or_path": model_path} if cls is PromptTuningConfig else {}
         return cls(**values, **extra, task_type=task_type, base_model_name_or_path=model_path)
 
@@ -444,7 +451,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     n_train, n_all = (model.get_nb_trainable_parameters() if isinstance(model, PeftModel)
                       else (sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())))
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_ratio is not None:
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=cfg.loraplus_ratio,
+                                        loraplus_weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     warmup_steps = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps, cfg.schedule))
     log(f"model {model_path} | method {cfg.method} | trainable {n_train:,} of {n_all:,} params "

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import smolpeft
 from smolpeft.cli import build_parser, main
-from smolpeft.data import _chat
+from smolpeft.data import render_chat
 from smolpeft.lora import BASE
 from smolpeft.serve import Engine, Request, SamplingParams, create_app
 
@@ -162,7 +162,7 @@ def test_chat_equals_offline_greedy(srv, model):
     model = srv.base if model == "base" else model
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two plus two ?"}]
     r = srv.client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
-    ids = _chat(srv.tok, messages, add_generation_prompt=True)  # the tiny tokenizer has no template: the default one
+    ids = render_chat(srv.tok, messages, add_generation_prompt=True)  # the tiny tokenizer has no template: the default one
     new, text = offline(srv, ids, model, 10)
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(new))
@@ -190,7 +190,7 @@ def test_streaming_equals_non_streaming(srv, model):
                                                      stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     got = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert got == offline(srv, _chat(srv.tok, messages, add_generation_prompt=True), model, 8)[1]
+    assert got == offline(srv, render_chat(srv.tok, messages, add_generation_prompt=True), model, 8)[1]
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 

@@ -365,3 +365,20 @@ def test_checkpoints_with_the_old_option_names_still_match():
     check_resume({"base_model": "m", "rank": 8, "alpha": None, "lr": 1e-3}, current, "ckpt", print)
     with pytest.raises(ValueError, match="r was 4, now 8"):
         check_resume({"base_model": "m", "rank": 4, "alpha": None, "lr": 1e-3}, current, "ckpt", print)
+
+
+@pytest.mark.parametrize("args", [["--method", "dora"], ["--method", "lora", "--loraplus-ratio", "16"]])
+def test_lora_variants_learn_on_the_embedded_default(args, tmp_path, capsys):
+    """`smolpeft train` with DoRA and with LoRA+ on the default encoder: accuracy rises, and the files say which."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", "intent", "--output-dir", str(out), "--max-steps", "40", "--batch-size", "32",
+                 "--lr", "2e-3", *args]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["after"]["eval_accuracy"] > s["before"]["eval_accuracy"] + 0.2
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in keys) == (args[1] == "dora")
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] == (args[1] == "dora")
+    with pytest.raises(ValueError, match="loraplus_ratio must be positive"):
+        TrainConfig(method="prompt", loraplus_ratio=4)
