@@ -26,8 +26,16 @@ def smollm2(layers: int = 30, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -67,7 +75,7 @@ def alternate(contenders: dict, rounds: int, warmup: int = 1) -> dict[str, list[
     times = {k: [] for k in contenders}
     names = list(contenders)
     for r in range(rounds):
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             fn = contenders[k]
             t0 = time.perf_counter()
             fn()
@@ -80,7 +88,8 @@ def median(xs) -> float:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def report(name: str, rows: list[dict], key_line: str, extra: dict | None = None) -> None:

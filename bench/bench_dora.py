@@ -61,6 +61,7 @@ def main():
             else:
                 models[name](input_ids=ids, labels=ids).loss.backward()
             opts[name].step(), opts[name].zero_grad(set_to_none=True)
+
         return run
 
     steps = alternate({n: step(n) for n in models}, args.rounds) if args.rounds else None  # --rounds 0: inference only
@@ -81,10 +82,13 @@ def main():
         def run():
             with torch.no_grad():
                 m(input_ids=x)
+
         return run
 
-    infer = alternate({"base": fwd(base), "DoRA unmerged": fwd(dora), "DoRA merged": fwd(merged),
-                       "LoRA unmerged": fwd(lora)}, args.infer_rounds)
+    infer = alternate(
+        {"base": fwd(base), "DoRA unmerged": fwd(dora), "DoRA merged": fwd(merged), "LoRA unmerged": fwd(lora)},
+        args.infer_rounds,
+    )
     i = {k: median(v) for k, v in infer.items()}
 
     def paired(a, b, t):  # median of per-round ratios: each round's contenders ran back to back
@@ -93,13 +97,21 @@ def main():
     rows, key = [], ""
     if steps:
         s = {k: median(v) for k, v in steps.items()}
-        rows = [{"case": f"train step, {k}", "median_s": v, "paired_ratio": paired(k, "smolpeft DoRA", steps)}
-                for k, v in s.items()]
-        key = (f"DoRA step smolpeft/peft = {paired('smolpeft DoRA', 'peft DoRA', steps):.3f} (target <= 0.70); "
-               f"smolpeft DoRA/LoRA step = {paired('smolpeft DoRA', 'smolpeft LoRA', steps):.3f} (target <= 1.30); ")
-    rows += [{"case": f"no-grad forward, {k}", "median_s": v, "paired_ratio": paired(k, "base", infer)} for k, v in i.items()]
-    key += (f"inference unmerged/base = {paired('DoRA unmerged', 'base', infer):.3f} (target <= 1.15); merged/base = "
-            f"{paired('DoRA merged', 'base', infer):.3f} (target 1.00) [medians of per-round ratios]")
+        rows = [
+            {"case": f"train step, {k}", "median_s": v, "paired_ratio": paired(k, "smolpeft DoRA", steps)}
+            for k, v in s.items()
+        ]
+        key = (
+            f"DoRA step smolpeft/peft = {paired('smolpeft DoRA', 'peft DoRA', steps):.3f} (target <= 0.70); "
+            f"smolpeft DoRA/LoRA step = {paired('smolpeft DoRA', 'smolpeft LoRA', steps):.3f} (target <= 1.30); "
+        )
+    rows += [
+        {"case": f"no-grad forward, {k}", "median_s": v, "paired_ratio": paired(k, "base", infer)} for k, v in i.items()
+    ]
+    key += (
+        f"inference unmerged/base = {paired('DoRA unmerged', 'base', infer):.3f} (target <= 1.15); merged/base = "
+        f"{paired('DoRA merged', 'base', infer):.3f} (target 1.00) [medians of per-round ratios]"
+    )
     report("dora", rows, key, {"args": vars(args), "steps_s": steps, "inference_s": infer})
 
 

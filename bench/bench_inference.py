@@ -41,10 +41,18 @@ def main():
         def f():
             with torch.no_grad():
                 model(input_ids=ids, **kw)
+
         return f
 
-    t = alternate({"base": run(base), "merged": run(merged_model), "unmerged": run(lora),
-                   "mixed8": run(lora, adapter_names=[names[i % 8] for i in range(args.batch)])}, args.rounds)
+    t = alternate(
+        {
+            "base": run(base),
+            "merged": run(merged_model),
+            "unmerged": run(lora),
+            "mixed8": run(lora, adapter_names=[names[i % 8] for i in range(args.batch)]),
+        },
+        args.rounds,
+    )
     switches = []
     for i in range(1000):
         t0 = time.perf_counter()
@@ -55,11 +63,15 @@ def main():
     ratio = {k: median([a / b for a, b in zip(t[k], t["base"])]) for k in t}
     ratio["mixed8/single"] = median([b / a for a, b in zip(t["mixed8"], t["unmerged"])])
     rows = [{"case": k, "forward_s": v, "vs_base": ratio[k]} for k, v in med.items()]
-    rows += [{"case": "load_adapter (median of 7)", "forward_s": statistics.median(loads), "vs_base": float("nan")},
-             {"case": "set_adapter (median of 1000)", "forward_s": statistics.median(switches), "vs_base": float("nan")}]
-    key = (f"merged/base = {ratio['merged']:.3f} (target 1.00 +-0.03); unmerged/base = {ratio['unmerged']:.3f} "
-           f"(target <= 1.10); mixed-8/single throughput = {ratio['mixed8/single']:.3f} (target >= 0.8); "
-           f"set_adapter = {1000 * statistics.median(switches):.4f} ms (target < 1)")
+    rows += [
+        {"case": "load_adapter (median of 7)", "forward_s": statistics.median(loads), "vs_base": float("nan")},
+        {"case": "set_adapter (median of 1000)", "forward_s": statistics.median(switches), "vs_base": float("nan")},
+    ]
+    key = (
+        f"merged/base = {ratio['merged']:.3f} (target 1.00 +-0.03); unmerged/base = {ratio['unmerged']:.3f} "
+        f"(target <= 1.10); mixed-8/single throughput = {ratio['mixed8/single']:.3f} (target >= 0.8); "
+        f"set_adapter = {1000 * statistics.median(switches):.4f} ms (target < 1)"
+    )
     report("inference", rows, key, {"args": vars(args), "rounds_s": t})
 
 

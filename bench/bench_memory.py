@@ -58,18 +58,33 @@ def main():
     results = {}
     for ckpt in (0, 1):
         for method in ("lora", "qlora"):
-            cmd = [sys.executable, "-c", CHILD, d, method, str(args.steps), str(args.threads), str(ckpt),
-                   os.path.dirname(os.path.abspath(__file__))]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"})
+            cmd = [
+                sys.executable,
+                "-c",
+                CHILD,
+                d,
+                method,
+                str(args.steps),
+                str(args.threads),
+                str(ckpt),
+                os.path.dirname(os.path.abspath(__file__)),
+            ]
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, check=True, env=os.environ | {"TRANSFORMERS_VERBOSITY": "error"}
+            )
             results[method, ckpt] = json.loads(out.stdout.strip().splitlines()[-1])
     rows = [{"method": m, "gradient_checkpointing": bool(c), **r} for (m, c), r in results.items()]
-    ratio = {(c, k): results["qlora", c][k] / results["lora", c][k] for c in (0, 1)
-             for k in ("train_peak_rss_mb", "process_peak_rss_mb")}
-    key = (f"QLoRA/LoRA: base footprint {results['qlora', 0]['footprint_mb'] / results['lora', 0]['footprint_mb']:.3f} "
-           f"(target <= 0.35 at 30 layers); training peak RSS {ratio[0, 'train_peak_rss_mb']:.3f} without and "
-           f"{ratio[1, 'train_peak_rss_mb']:.3f} with gradient checkpointing (target < 1); process peak, loading "
-           f"included, {ratio[0, 'process_peak_rss_mb']:.3f} and {ratio[1, 'process_peak_rss_mb']:.3f}")
+    ratio = {
+        (c, k): results["qlora", c][k] / results["lora", c][k]
+        for c in (0, 1)
+        for k in ("train_peak_rss_mb", "process_peak_rss_mb")
+    }
+    key = (
+        f"QLoRA/LoRA: base footprint {results['qlora', 0]['footprint_mb'] / results['lora', 0]['footprint_mb']:.3f} "
+        f"(target <= 0.35 at 30 layers); training peak RSS {ratio[0, 'train_peak_rss_mb']:.3f} without and "
+        f"{ratio[1, 'train_peak_rss_mb']:.3f} with gradient checkpointing (target < 1); process peak, loading "
+        f"included, {ratio[0, 'process_peak_rss_mb']:.3f} and {ratio[1, 'process_peak_rss_mb']:.3f}"
+    )
     report("memory", rows, key, {"args": vars(args)})
 
 

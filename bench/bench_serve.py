@@ -44,7 +44,9 @@ def main():
     d = tempfile.mkdtemp()
     for i in range(args.clients):  # one adapter per client, random B so none is the identity
         torch.manual_seed(100 + i)
-        cfg = smolpeft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, init_lora_weights=False)
+        cfg = smolpeft.LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, init_lora_weights=False
+        )
         smolpeft.get_peft_model(smollm2(args.layers), cfg).save_pretrained(f"{d}/a{i}")
     base = smollm2(args.layers)
     base.generation_config.eos_token_id = None
@@ -61,12 +63,16 @@ def main():
         time.sleep(0.01)
 
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, base.config.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(args.clients)]
+    prompts = [
+        torch.randint(3, base.config.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(args.clients)
+    ]
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=600)
 
     def request(job):
         prompt, model = job
-        r = http.post("/completions", json={"model": model, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0})
+        r = http.post(
+            "/completions", json={"model": model, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0}
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == args.tokens, r.text
         return r
 
@@ -84,26 +90,47 @@ def main():
                 for job in jobs:
                     request(job)
             steps[name] = engine.stats["steps"] - before
+
         return run
 
     mixed = [f"a{i}" for i in range(args.clients)]
     mixed_before = engine.stats["mixed_steps"]
-    times = alternate({"8 clients x 8 adapters": case("mixed", mixed, True),
-                       "8 clients x 1 adapter": case("single", ["a0"] * args.clients, True),
-                       "sequential, 8 adapters": case("sequential", mixed, False)}, args.rounds)
+    times = alternate(
+        {
+            "8 clients x 8 adapters": case("mixed", mixed, True),
+            "8 clients x 1 adapter": case("single", ["a0"] * args.clients, True),
+            "sequential, 8 adapters": case("sequential", mixed, False),
+        },
+        args.rounds,
+    )
     server.should_exit = True
     engine.stop()
     n = args.clients * args.tokens
     med = {k: median(v) for k, v in times.items()}
     tps = {k: n / v for k, v in med.items()}
     single = tps["8 clients x 1 adapter"]
-    rows = [{"case": k, "tokens": n, "decode_steps": steps[s], "median_s": med[k], "tokens_per_s": tps[k],
-             "vs_single": tps[k] / single} for k, s in zip(med, ("mixed", "single", "sequential"))]
+    rows = [
+        {
+            "case": k,
+            "tokens": n,
+            "decode_steps": steps[s],
+            "median_s": med[k],
+            "tokens_per_s": tps[k],
+            "vs_single": tps[k] / single,
+        }
+        for k, s in zip(med, ("mixed", "single", "sequential"))
+    ]
     mixed_tps = tps["8 clients x 8 adapters"]
-    key = (f"mixed-8/single throughput = {mixed_tps / single:.3f} (target >= 0.8); mixed-8/sequential = "
-           f"{mixed_tps / tps['sequential, 8 adapters']:.2f}x (target >= 3)")
-    report("serve", rows, key, {"args": vars(args), "rounds_s": times,
-                                "mixed_adapter_steps": engine.stats["mixed_steps"] - mixed_before})
+    key = (
+        f"mixed-8/single throughput = {mixed_tps / single:.3f} (target >= 0.8); mixed-8/sequential = "
+        f"{mixed_tps / tps['sequential, 8 adapters']:.2f}x (target >= 3)"
+    )
+    report(
+        "serve",
+        rows,
+        key,
+        {"args": vars(args), "rounds_s": times, "mixed_adapter_steps": engine.stats["mixed_steps"] - mixed_before},
+    )
 
 
 if __name__ == "__main__":

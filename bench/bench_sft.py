@@ -27,10 +27,12 @@ args = SFTConfig(output_dir=out, max_length=512, packing=True, gradient_checkpoi
                  per_device_train_batch_size=int(batch), learning_rate=2e-4, logging_steps=1, report_to=[],
                  save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="linear", bf16=False)
 trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
-                     processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+                     processing_class=tok, peft_config=LoraConfig(
+                         r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 m = trainer.train().metrics
 tokens = max(h.get("num_tokens", 0) for h in trainer.state.log_history)
-print(json.dumps({"tokens": tokens, "train_s": m["train_runtime"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"tokens": tokens, "train_s": m["train_runtime"], "peak_rss_mb": peak}))
 """
 
 OURS_CHILD = r"""
@@ -41,7 +43,8 @@ torch.set_num_threads(int(threads))
 s = train(TrainConfig(model=model_dir, data=data, output_dir=out, max_steps=int(steps), batch_size=int(batch), lr=2e-4,
                       rank=16, alpha=32, dropout=0.0, targets="all-linear", max_length=512, packing=True,
                       gradient_checkpointing=True, train_on_prompt=True, log_every=1), log=lambda *_: None)
-print(json.dumps({"tokens": s["tokens"], "train_s": s["train_time_s"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"tokens": s["tokens"], "train_s": s["train_time_s"], "peak_rss_mb": peak}))
 """
 
 
@@ -58,8 +61,14 @@ def build(layers: int, root: str) -> tuple[str, str]:
     texts = [m["content"] for line in open(data) for m in json.loads(line)["messages"]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<pad>", "<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=4000,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
     model_dir = os.path.join(root, "model")
@@ -75,24 +84,42 @@ def main():
     args = p.parse_args()
     root = tempfile.mkdtemp()
     model_dir, data = build(args.layers, root)
-    env = os.environ | {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env = os.environ | {
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    }
     runs: dict[str, list[dict]] = {"smolpeft": [], "trl+peft": []}
     children = {"smolpeft": OURS_CHILD, "trl+peft": TRL_CHILD}
     for r in range(args.rounds):
-        for name in (("smolpeft", "trl+peft") if r % 2 == 0 else ("trl+peft", "smolpeft")):
-            cmd = [sys.executable, "-c", children[name], model_dir, data, os.path.join(root, f"{name}-{r}"),
-                   str(args.steps), str(args.batch), str(args.threads)]
+        for name in ("smolpeft", "trl+peft") if r % 2 == 0 else ("trl+peft", "smolpeft"):
+            cmd = [
+                sys.executable,
+                "-c",
+                children[name],
+                model_dir,
+                data,
+                os.path.join(root, f"{name}-{r}"),
+                str(args.steps),
+                str(args.batch),
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[name].append(res | {"tokens_per_s": res["tokens"] / res["train_s"]})
-            print(f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
     results = {name: {k: median([x[k] for x in rs]) for k in rs[0]} for name, rs in runs.items()}
     rows = [{"job": k, **v} for k, v in results.items()]
     ours, trl = results["smolpeft"], results["trl+peft"]
-    key = (f"tokens/s smolpeft/TRL = {ours['tokens_per_s'] / trl['tokens_per_s']:.3f} (target >= 1.5); "
-           f"peak RSS smolpeft/TRL = {ours['peak_rss_mb'] / trl['peak_rss_mb']:.3f} (target <= 0.6)")
+    key = (
+        f"tokens/s smolpeft/TRL = {ours['tokens_per_s'] / trl['tokens_per_s']:.3f} (target >= 1.5); "
+        f"peak RSS smolpeft/TRL = {ours['peak_rss_mb'] / trl['peak_rss_mb']:.3f} (target <= 0.6)"
+    )
     report("sft_job", rows, key, {"args": vars(args)})
 
 

@@ -32,7 +32,10 @@ def main():
     ours = smolpeft.get_peft_model(smollm2(args.layers), smolpeft.LoraConfig(**kw))
     theirs = peft.get_peft_model(smollm2(args.layers), peft.LoraConfig(**kw))
     ours_loss = TrainingLoss(ours)
-    opts = {n: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for n, m in (("ours", ours), ("peft", theirs))}
+    opts = {
+        n: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
+        for n, m in (("ours", ours), ("peft", theirs))
+    }
     ours.train(), theirs.train()
 
     def step_ours():
@@ -55,7 +58,9 @@ def main():
     t = alternate({"smolpeft": step_ours, "peft": step_peft, "forward": forward}, args.rounds)
     mem = {}
     for name in ("smolpeft", "peft"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mem", name], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--mem", name], capture_output=True, text=True, check=True
+        )
         mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_step_mem_mb"]
     med = {k: median(v) for k, v in t.items()}
     rows = [
@@ -63,9 +68,11 @@ def main():
         {"contender": "peft", "step_s": med["peft"], "peak_step_mem_mb": mem["peft"]},
         {"contender": "2x no-grad forward (floor)", "step_s": 2 * med["forward"], "peak_step_mem_mb": float("nan")},
     ]
-    key = (f"step time smolpeft/peft = {med['smolpeft'] / med['peft']:.3f} (target <= 0.90); "
-           f"smolpeft/floor = {med['smolpeft'] / (2 * med['forward']):.3f} (target <= 1.10); "
-           f"peak step memory smolpeft/peft = {mem['smolpeft'] / mem['peft']:.3f} (target <= 0.90)")
+    key = (
+        f"step time smolpeft/peft = {med['smolpeft'] / med['peft']:.3f} (target <= 0.90); "
+        f"smolpeft/floor = {med['smolpeft'] / (2 * med['forward']):.3f} (target <= 1.10); "
+        f"peak step memory smolpeft/peft = {mem['smolpeft'] / mem['peft']:.3f} (target <= 0.90)"
+    )
     report("adapter_step", rows, key, {"args": vars(args), "times_s": t})
 
 

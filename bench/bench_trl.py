@@ -109,7 +109,8 @@ def sft(args) -> None:
     results = {name: {k: median([x[k] for x in rs]) for k in rs[0]} for name, rs in runs.items()}
     ours, trl = results["smolpeft.trl"], results["trl+peft"]
     key = (
-        f"SFT job, {args.layers} layers: tokens/s smolpeft.trl/TRL+peft = {ours['tokens_per_s'] / trl['tokens_per_s']:.3f}"
+        f"SFT job, {args.layers} layers: tokens/s smolpeft.trl/TRL+peft = "
+        f"{ours['tokens_per_s'] / trl['tokens_per_s']:.3f}"
         f" (target >= 1.0); peak RSS = {ours['peak_rss_mb'] / trl['peak_rss_mb']:.3f} (target <= 0.8)"
     )
     report("trl_sft_job", [{"job": k, **v} for k, v in results.items()], key, {"args": vars(args), "runs": runs})

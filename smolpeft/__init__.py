@@ -1,5 +1,6 @@
 """smolpeft: LoRA, QLoRA and prompt tuning with Hugging Face PEFT's API, object graph and adapter format."""
 
+from . import optimizers, tuners, utils  # noqa: F401  (PEFT's deep module paths: peft.tuners.lora, peft.utils, ...)
 from .checkpoint import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -32,8 +33,6 @@ from .prompt import PromptEmbedding
 from .qlora import prepare_model_for_kbit_training
 from .surface import UNSUPPORTED_CONFIGS, PeftWarning, unsupported
 from .tuner import LoraModel, inject_adapter_in_model
-
-from . import optimizers, tuners, utils  # noqa: F401  (PEFT's deep module paths: peft.tuners.lora, peft.utils, ...)
 
 __version__ = "0.1.0"
 

@@ -105,8 +105,11 @@ def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) 
     bias = getattr(model.peft_config[adapter_name], "bias", "none")
     if bias == "all":
         others = [n for n in model.peft_config if n != adapter_name]
-        keys = [k for k in state if (k == "bias" or k.endswith(".bias"))
-                and not any(f".{o}." in k or k.endswith(f".{o}") for o in others)]
+        keys = [
+            k
+            for k in state
+            if (k == "bias" or k.endswith(".bias")) and not any(f".{o}." in k or k.endswith(f".{o}") for o in others)
+        ]
     elif bias == "lora_only":
         keys = [f"{p}.base_layer.bias" for p, m in model.named_modules() if isinstance(m, LoraLayer)]
         keys = [k for k in keys if k in state]
@@ -135,7 +138,9 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {_original_key(k): v for k, v in state.items() if not _ADAPTER_PART.search(k)}
 
 
-def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> _IncompatibleKeys:
+def set_base_model_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> _IncompatibleKeys:
     """Load a state dict with the base model's own keys into the wrapped base (adapters untouched)."""
     inner = model.get_base_model()
     live = {_original_key(k): k for k in inner.state_dict() if not _ADAPTER_PART.search(k)}
@@ -158,17 +163,29 @@ def set_peft_model_state_dict(
     live = _live(model, adapter_name, peft_model_state_dict)
     present = {k: v for k, v in live.items() if k in peft_model_state_dict}
     copy_into(present, peft_model_state_dict, "state dict", ignore_mismatched_sizes, strict=False)
-    return _IncompatibleKeys(sorted(set(live) - set(peft_model_state_dict)), sorted(set(peft_model_state_dict) - set(live)))
+    return _IncompatibleKeys(
+        sorted(set(live) - set(peft_model_state_dict)), sorted(set(peft_model_state_dict) - set(live))
+    )
 
 
-def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], adapter_name: str, source: str,
-                         ignore_mismatched_sizes: bool = False) -> None:
+def load_adapter_weights(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    adapter_name: str,
+    source: str,
+    ignore_mismatched_sizes: bool = False,
+) -> None:
     """Strict form for files: every adapter key must be there and nothing else, or the model is left untouched."""
     copy_into(_live(model, adapter_name, weights), weights, source, ignore_mismatched_sizes, strict=True)
 
 
-def copy_into(params: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], source: str,
-              ignore_mismatched_sizes: bool = False, strict: bool = True) -> None:
+def copy_into(
+    params: dict[str, torch.Tensor],
+    loaded: dict[str, torch.Tensor],
+    source: str,
+    ignore_mismatched_sizes: bool = False,
+    strict: bool = True,
+) -> None:
     """Check names and shapes of every key first, then copy: a bad file leaves the model untouched."""
     missing = sorted(set(params) - set(loaded))
     unexpected = sorted(set(loaded) - set(params))
@@ -186,7 +203,9 @@ def copy_into(params: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], 
         if loaded[k].shape != p.shape:
             if ignore_mismatched_sizes:
                 continue
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects {tuple(p.shape)}")
+            raise ValueError(
+                f"{source}: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects {tuple(p.shape)}"
+            )
         keep[k] = p
     with torch.no_grad():
         for k, p in keep.items():
@@ -202,7 +221,9 @@ def resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub
 
     hub = {k: v for k, v in hub.items() if v is not None and k != "use_auth_token"}
     try:
-        root = snapshot_download(str(model_id), allow_patterns=["*adapter_config.json", "*adapter_model.safetensors"], **hub)
+        root = snapshot_download(
+            str(model_id), allow_patterns=["*adapter_config.json", "*adapter_model.safetensors"], **hub
+        )
     except Exception as e:
         raise FileNotFoundError(f"adapter directory not found: {model_id} (not local, and the Hub said: {e})") from e
     return os.path.join(root, subfolder) if subfolder else root
@@ -216,7 +237,9 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, **
 # --- files -------------------------------------------------------------------------------------------------------
 
 
-def save_weights(tensors: dict[str, torch.Tensor], directory: str | os.PathLike, safe_serialization: bool = True) -> None:
+def save_weights(
+    tensors: dict[str, torch.Tensor], directory: str | os.PathLike, safe_serialization: bool = True
+) -> None:
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if safe_serialization:
         atomic_write(os.path.join(directory, WEIGHTS_NAME), save_safetensors_bytes(data, metadata={"format": "pt"}))
@@ -244,7 +267,9 @@ def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        if not (isinstance(v, dict) and isinstance(v.get("shape"), list) and all(isinstance(d, int) for d in v["shape"])):
+        if not (
+            isinstance(v, dict) and isinstance(v.get("shape"), list) and all(isinstance(d, int) for d in v["shape"])
+        ):
             raise ValueError(f"{path}: tensor {k!r} has a malformed header entry")
         out[k] = (v.get("dtype"), tuple(v["shape"]))
     return out
@@ -268,7 +293,9 @@ def read_weights(directory: str | os.PathLike, device: str | torch.device | None
             raise ValueError(f"{st} is not a valid safetensors file (truncated or corrupt?): {e}") from e
     elif os.path.isfile(binpath):
         if not _safe_torch_load():
-            raise ValueError(f"{binpath}: reading .bin adapters needs torch>=2.6 (older weights_only loaders are unsafe)")
+            raise ValueError(
+                f"{binpath}: reading .bin adapters needs torch>=2.6 (older weights_only loaders are unsafe)"
+            )
         try:
             out = torch.load(binpath, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -323,8 +350,11 @@ def head_shapes(directory: str | os.PathLike) -> list[tuple[int, ...]]:
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         return []
-    return [s for k, (_, s) in read_header(path).items()
-            if re.search(r"\.(classifier|score)(\.[^.]+)*\.weight$", k) and len(s) == 2]
+    return [
+        s
+        for k, (_, s) in read_header(path).items()
+        if re.search(r"\.(classifier|score)(\.[^.]+)*\.weight$", k) and len(s) == 2
+    ]
 
 
 # --- PiSSA / OLoRA as plain LoRA ---------------------------------------------------------------------------------
@@ -334,9 +364,12 @@ def principal_config(config: LoraConfig) -> LoraConfig:
     """The plain-LoRA config of a converted PiSSA/OLoRA adapter: rank 2r and the same scaling s."""
     import dataclasses
 
-    grow = 2 ** 0.5 if config.use_rslora else 2  # s = alpha/r (or alpha/√r) is unchanged at rank 2r
+    grow = 2**0.5 if config.use_rslora else 2  # s = alpha/r (or alpha/√r) is unchanged at rank 2r
     return dataclasses.replace(
-        config, r=2 * config.r, lora_alpha=grow * config.lora_alpha, init_lora_weights=True,
+        config,
+        r=2 * config.r,
+        lora_alpha=grow * config.lora_alpha,
+        init_lora_weights=True,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
     )
@@ -354,7 +387,9 @@ def _stack_principal(weights: dict[str, torch.Tensor], initial) -> dict[str, tor
     return out
 
 
-def principal_weights(inner: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def principal_weights(
+    inner: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Convert a PiSSA/OLoRA adapter file to plain LoRA against the unmodified base: A₀, B₀ are recomputed from it."""
 
     def initial(key: str, r: int):
@@ -370,8 +405,10 @@ def principal_to_lora(config, params: dict[str, torch.Tensor], initial_dir: str 
     """save_pretrained(path_initial_model_for_weight_conversion=...): the trained PiSSA/OLoRA adapter as plain LoRA,
     using the untrained adapter saved at `initial_dir` for A₀, B₀. Returns (config, tensors)."""
     if getattr(config, "init_lora_weights", None) not in ("pissa", "olora"):
-        raise ValueError("path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; this one is "
-                         f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r}")
+        raise ValueError(
+            "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; this one is "
+            f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r}"
+        )
     init = read_weights(initial_dir)
 
     def initial(key: str, r: int):
@@ -389,7 +426,9 @@ def write_model_card(directory: str | os.PathLike, config) -> None:
     tags = [f"base_model:adapter:{base}"] if base else []
     tags += [config.peft_type.value.lower(), "smolpeft"]
     meta = (f"base_model: {base}\n" if base else "") + "library_name: peft\ntags:\n" + "".join(f"- {t}\n" for t in tags)
-    body = (f"# {os.path.basename(os.path.abspath(directory))}\n\nA {config.peft_type.value} adapter"
-            f"{f' for `{base}`' if base else ''} in PEFT's format, saved by smolpeft. Load it with "
-            "`PeftModel.from_pretrained(base_model, path)` from smolpeft or peft.\n")
+    body = (
+        f"# {os.path.basename(os.path.abspath(directory))}\n\nA {config.peft_type.value} adapter"
+        f"{f' for `{base}`' if base else ''} in PEFT's format, saved by smolpeft. Load it with "
+        "`PeftModel.from_pretrained(base_model, path)` from smolpeft or peft.\n"
+    )
     atomic_write(path, f"---\n{meta}---\n\n{body}".encode())

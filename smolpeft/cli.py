@@ -29,22 +29,31 @@ TRAIN_EXAMPLES = """examples:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model with an adapter", epilog=TRAIN_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with an adapter",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_train_args(p)
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible server: one base model, many LoRA adapters, batched together",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  smolpeft serve --model ./my-llama --adapter chat=runs/chat --adapter sql=runs/sql\n"
-                              "  smolpeft serve --model ./my-llama --adapter-dir runs --api-key $KEY --quantize nf4")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: one base model, many LoRA adapters, batched together",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  smolpeft serve --model ./my-llama --adapter chat=runs/chat --adapter sql=runs/sql\n"
+        "  smolpeft serve --model ./my-llama --adapter-dir runs --api-key $KEY --quantize nf4",
+    )
     p.add_argument("--model", required=True, help="base model directory or Hub id; clients use it as the base's name")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a LoRA adapter (repeatable)")
     p.add_argument("--adapter-dir", help="POST /v1/adapters may load adapters from under this directory (else off)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (or --api-key-file, or $SMOLPEFT_API_KEY)")
+    p.add_argument(
+        "--api-key", help="required as 'Authorization: Bearer KEY' (or --api-key-file, or $SMOLPEFT_API_KEY)"
+    )
     p.add_argument("--api-key-file", help="read the key from this file: keeps it out of the process list")
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 above)")
@@ -62,9 +71,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--adapter takes NAME=PATH, got {spec!r}")
         adapters[name] = path
-    serve(args.model, adapters, adapter_dir=args.adapter_dir, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, quantize=args.quantize, api_key_file=args.api_key_file,
-          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_waiting=args.max_waiting)
+    serve(
+        args.model,
+        adapters,
+        adapter_dir=args.adapter_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        quantize=args.quantize,
+        api_key_file=args.api_key_file,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_waiting=args.max_waiting,
+    )
     return 0
 
 
@@ -77,13 +97,18 @@ def _flag_type(annotation: str):
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--lora-alpha), plus its short name if it has one (--alpha)."""
-    p.add_argument("--config", help="YAML file (or a bundled recipe's name) whose keys are TrainConfig's fields or "
-                                    "the flag names (with - or _); flags given here win")
+    p.add_argument(
+        "--config",
+        help="YAML file (or a bundled recipe's name) whose keys are TrainConfig's fields or "
+        "the flag names (with - or _); flags given here win",
+    )
     short = {field: alias for alias, field in ALIASES.items()}
     for f in dataclasses.fields(TrainConfig):
         if not f.metadata.get("cli", True):
             continue
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{short[f.name].replace('_', '-')}"] if f.name in short else [])
+        names = [f"--{f.name.replace('_', '-')}"] + (
+            [f"--{short[f.name].replace('_', '-')}"] if f.name in short else []
+        )
         kw = {"dest": f.name, "help": f.metadata.get("help")}
         if f.type.startswith("bool"):
             p.add_argument(*names, action="store_true", default=None, **kw)
@@ -143,8 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     b, a = s["before"], s["after"]
     metric = "eval_accuracy" if "eval_accuracy" in a else "eval_perplexity"
-    print(f"\n{metric.removeprefix('eval_')}: {b[metric]:.4f} before -> {a[metric]:.4f} after "
-          f"({s['steps']} steps, {s['train_time_s']:.0f}s, {s['tokens_per_s']:,.0f} tokens/s)")
+    print(
+        f"\n{metric.removeprefix('eval_')}: {b[metric]:.4f} before -> {a[metric]:.4f} after "
+        f"({s['steps']} steps, {s['train_time_s']:.0f}s, {s['tokens_per_s']:,.0f} tokens/s)"
+    )
     print(f"trainable parameters: {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.3f}%)")
     print(f"adapter written to {s['config']['output_dir']}")
     return 0
@@ -183,12 +210,16 @@ def exact_match(model: nn.Module, tok: PreTrainedTokenizerBase, rows: list[dict]
     hits = 0
     for row in rows:
         if "messages" in row:
-            ids, ref = render_chat(tok, row["messages"][:-1], add_generation_prompt=True), row["messages"][-1]["content"]
+            ids, ref = (
+                render_chat(tok, row["messages"][:-1], add_generation_prompt=True),
+                row["messages"][-1]["content"],
+            )
         else:
             ids, ref = tok(row["prompt"])["input_ids"], row["completion"]
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        hits += tok.decode(out[0, len(ids):], skip_special_tokens=True).strip() == ref.strip()
+        out = model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        hits += tok.decode(out[0, len(ids) :], skip_special_tokens=True).strip() == ref.strip()
     return hits / max(len(rows), 1)
 
 
@@ -210,9 +241,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = [{"role": "user", "content": args.prompt}]
     ids = render_chat(tok, prompt, add_generation_prompt=True) if args.chat else tok(args.prompt)["input_ids"]
     sample = args.temperature > 0
-    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=sample,
-                         temperature=args.temperature if sample else None, pad_token_id=tok.pad_token_id)
-    print(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sample,
+        temperature=args.temperature if sample else None,
+        pad_token_id=tok.pad_token_id,
+    )
+    print(tok.decode(out[0, len(ids) :], skip_special_tokens=True))
     return 0
 
 
@@ -223,7 +259,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .loader import load
     from .qlora import DTYPES, dequantize
 
-    model_dir = args.model or (load_config(args.adapter).base_model_name_or_path if os.path.isdir(args.adapter) else None)
+    model_dir = args.model or (
+        load_config(args.adapter).base_model_name_or_path if os.path.isdir(args.adapter) else None
+    )
     protected = {"the adapter": args.adapter, "the base model": model_dir}
     storage.check_output_dir(args.output_dir, args.overwrite, protected)  # before the slow part: fail fast
     model, tok, _, base_path = load(args.model, args.adapter, quantize="nf4" if args.load_4bit else None)
@@ -238,14 +276,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
         after = merged(**probe).logits.float()
     diff = (before - after).abs().max().item()
     if diff > args.atol:
-        raise ValueError(f"merged model differs from base+adapter by {diff:.2e} > --atol {args.atol:g}; nothing written")
+        raise ValueError(
+            f"merged model differs from base+adapter by {diff:.2e} > --atol {args.atol:g}; nothing written"
+        )
 
     def fill(tmp: str) -> None:
         merged.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
     storage.commit_dir(args.output_dir, fill, "merged", adapter=os.path.abspath(args.adapter), base_model=base_path)
-    print(f"merged {type(merged).__name__} ({args.dtype}) written to {args.output_dir} (max |logit difference| {diff:.2e})")
+    print(
+        f"merged {type(merged).__name__} ({args.dtype}) written to {args.output_dir} "
+        f"(max |logit difference| {diff:.2e})"
+    )
     return 0
 
 
@@ -255,14 +298,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     config = load_config(args.adapter)
     weights = read_weights(args.adapter)
-    size = os.path.getsize(os.path.join(args.adapter, WEIGHTS_NAME)) if os.path.exists(os.path.join(args.adapter, WEIGHTS_NAME)) else 0
+    size = (
+        os.path.getsize(os.path.join(args.adapter, WEIGHTS_NAME))
+        if os.path.exists(os.path.join(args.adapter, WEIGHTS_NAME))
+        else 0
+    )
     info = {
-        "method": config.peft_type.value, "task_type": config.task_type, "base_model": config.base_model_name_or_path,
-        "parameters": sum(v.numel() for v in weights.values()), "tensors": len(weights), "size_bytes": size,
+        "method": config.peft_type.value,
+        "task_type": config.task_type,
+        "base_model": config.base_model_name_or_path,
+        "parameters": sum(v.numel() for v in weights.values()),
+        "tensors": len(weights),
+        "size_bytes": size,
     }
     if config.peft_type.value == "LORA":
-        info |= {"r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
-                 "target_modules": config.target_modules, "modules_to_save": config.modules_to_save}
+        info |= {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "use_rslora": config.use_rslora,
+            "target_modules": config.target_modules,
+            "modules_to_save": config.modules_to_save,
+        }
     else:
         info |= {"num_virtual_tokens": config.num_virtual_tokens, "prompt_tuning_init": config.prompt_tuning_init}
     if args.json:
@@ -274,32 +330,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smolpeft", description="Parameter-efficient fine-tuning: LoRA, QLoRA, prompt tuning.")
+    parser = argparse.ArgumentParser(
+        prog="smolpeft", description="Parameter-efficient fine-tuning: LoRA, QLoRA, prompt tuning."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command")
     _train_parser(sub)
     _serve_parser(sub)
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("sweep", help="LoRA at several ranks vs full fine-tuning vs prompt tuning, one report",
-                       formatter_class=raw, epilog="examples:\n  smolpeft sweep                         # embedded default\n"
-                       "  smolpeft sweep --task topic --ranks 1,4,16 --methods lora,full --output-dir runs/topic-sweep\n"
-                       "  smolpeft sweep --model ./my-llama --data chat.jsonl --ranks 4,16 --methods lora,prompt")
+    p = sub.add_parser(
+        "sweep",
+        help="LoRA at several ranks vs full fine-tuning vs prompt tuning, one report",
+        formatter_class=raw,
+        epilog="examples:\n  smolpeft sweep                         # embedded default\n"
+        "  smolpeft sweep --task topic --ranks 1,4,16 --methods lora,full --output-dir runs/topic-sweep\n"
+        "  smolpeft sweep --model ./my-llama --data chat.jsonl --ranks 4,16 --methods lora,prompt",
+    )
     _add_train_args(p)
     p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="comma-separated LoRA ranks")
     p.add_argument("--methods", default="lora,full,prompt", help="comma-separated: lora, dora, qlora, full, prompt")
 
-    p = sub.add_parser("compare-init", help="prompt-tuning inits x token counts x tasks, and the task x adapter matrix",
-                       formatter_class=raw, epilog="examples:\n  smolpeft compare-init\n"
-                       "  smolpeft compare-init --tasks sentiment,intent --inits RANDOM,TEXT --token-counts 4,16")
+    p = sub.add_parser(
+        "compare-init",
+        help="prompt-tuning inits x token counts x tasks, and the task x adapter matrix",
+        formatter_class=raw,
+        epilog="examples:\n  smolpeft compare-init\n"
+        "  smolpeft compare-init --tasks sentiment,intent --inits RANDOM,TEXT --token-counts 4,16",
+    )
     _add_train_args(p)
     p.add_argument("--tasks", default="sentiment,topic,intent", help="built-in classification tasks")
     p.add_argument("--inits", default="RANDOM,TEXT,SAMPLE_VOCAB")
     p.add_argument("--token-counts", default="8,20", help="numbers of virtual tokens")
 
-    p = sub.add_parser("eval", help="loss, perplexity or accuracy of a model/adapter on data", formatter_class=raw,
-                       epilog="examples:\n  smolpeft eval --adapter runs/sentiment-lora --task sentiment\n"
-                              "  smolpeft eval --adapter runs/chat --data test.jsonl --exact-match")
+    p = sub.add_parser(
+        "eval",
+        help="loss, perplexity or accuracy of a model/adapter on data",
+        formatter_class=raw,
+        epilog="examples:\n  smolpeft eval --adapter runs/sentiment-lora --task sentiment\n"
+        "  smolpeft eval --adapter runs/chat --data test.jsonl --exact-match",
+    )
     p.add_argument("--adapter")
     p.add_argument("--model")
     p.add_argument("--data")
@@ -308,9 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-match", action="store_true", help="also greedy-generate and compare to the reference")
     p.add_argument("--max-new-tokens", type=int, default=64)
 
-    p = sub.add_parser("generate", help="generate from a prompt (or classify it) with an adapter", formatter_class=raw,
-                       epilog='examples:\n  smolpeft generate --adapter runs/chat --prompt "What is 2+2?" --chat\n'
-                              '  smolpeft generate --adapter runs/sentiment-lora --prompt "Loved it."')
+    p = sub.add_parser(
+        "generate",
+        help="generate from a prompt (or classify it) with an adapter",
+        formatter_class=raw,
+        epilog='examples:\n  smolpeft generate --adapter runs/chat --prompt "What is 2+2?" --chat\n'
+        '  smolpeft generate --adapter runs/sentiment-lora --prompt "Loved it."',
+    )
     p.add_argument("--adapter")
     p.add_argument("--model")
     p.add_argument("--prompt", required=True)
@@ -318,21 +392,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
 
-    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers model", formatter_class=raw,
-                       epilog="examples:\n  smolpeft merge --adapter runs/chat --output-dir merged/\n"
-                              "  smolpeft merge --adapter runs/chat --model ./base --output-dir merged/\n"
-                              "  smolpeft merge --adapter runs/qlora --load-4bit --dtype bf16 --atol 0.05 --output-dir merged/")
+    p = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base and write a plain transformers model",
+        formatter_class=raw,
+        epilog="examples:\n  smolpeft merge --adapter runs/chat --output-dir merged/\n"
+        "  smolpeft merge --adapter runs/chat --model ./base --output-dir merged/\n"
+        "  smolpeft merge --adapter runs/qlora --load-4bit --dtype bf16 --atol 0.05 --output-dir merged/",
+    )
     p.add_argument("--adapter", required=True)
     p.add_argument("--model")
     p.add_argument("--output-dir", required=True, help="a new or empty directory (never the adapter's or the base's)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output-dir if it is a smolpeft output holding nothing else")
-    p.add_argument("--load-4bit", action="store_true", help="load the base as NF4, as QLoRA trained it, then dequantize")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --output-dir if it is a smolpeft output holding nothing else"
+    )
+    p.add_argument(
+        "--load-4bit", action="store_true", help="load the base as NF4, as QLoRA trained it, then dequantize"
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the written model")
-    p.add_argument("--atol", type=float, default=1e-4,
-                   help="largest logit difference accepted before writing (4-bit and half precision need more, e.g. 0.05)")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="largest logit difference accepted before writing (4-bit and half precision need more, e.g. 0.05)",
+    )
 
-    p = sub.add_parser("inspect", help="describe an adapter directory", formatter_class=raw,
-                       epilog="examples:\n  smolpeft inspect runs/sentiment-lora\n  smolpeft inspect runs/chat --json")
+    p = sub.add_parser(
+        "inspect",
+        help="describe an adapter directory",
+        formatter_class=raw,
+        epilog="examples:\n  smolpeft inspect runs/sentiment-lora\n  smolpeft inspect runs/chat --json",
+    )
     p.add_argument("adapter")
     p.add_argument("--json", action="store_true")
     return parser
@@ -360,7 +450,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(_experiment_config(args, 100), output_dir=None)
     rows = sweep(cfg, out, ranks=_ints(args.ranks), methods=_words(args.methods))
     print(open(os.path.join(out, "results.md")).read())
-    print(f"report written to {out}/ (results.md/.csv/.json, metric_vs_rank.png, params_vs_metric.png, loss_curves.png)")
+    print(
+        f"report written to {out}/ (results.md/.csv/.json, metric_vs_rank.png, params_vs_metric.png, loss_curves.png)"
+    )
     return 0 if rows else 1
 
 
@@ -376,8 +468,16 @@ def cmd_compare_init(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect,
-            "serve": cmd_serve, "sweep": cmd_sweep, "compare-init": cmd_compare_init}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "merge": cmd_merge,
+    "inspect": cmd_inspect,
+    "serve": cmd_serve,
+    "sweep": cmd_sweep,
+    "compare-init": cmd_compare_init,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

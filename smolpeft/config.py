@@ -106,7 +106,8 @@ class PeftConfig:
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in list(TaskType):
             raise ValueError(
-                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {', '.join(TaskType)}."
+                f"Invalid task type: '{self.task_type}'. "
+                f"Must be one of the following task types: {', '.join(TaskType)}."
             )
         if self.task_type is not None:
             self.task_type = TaskType(self.task_type).value
@@ -250,7 +251,8 @@ class LoraConfig(PeftConfig):
             raise ValueError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
         if self.init_lora_weights not in (True, False, "gaussian", "pissa", "olora"):
             raise ValueError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; expected True, False, 'gaussian', 'pissa' or 'olora'"
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; "
+                "expected True, False, 'gaussian', 'pissa' or 'olora'"
             )
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or v <= 0:
@@ -316,7 +318,8 @@ class PromptTuningConfig(PromptLearningConfig):
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ValueError(
                 "prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path, got "
-                f"prompt_tuning_init_text={self.prompt_tuning_init_text!r}, tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
+                f"prompt_tuning_init_text={self.prompt_tuning_init_text!r}, "
+                f"tokenizer_name_or_path={self.tokenizer_name_or_path!r}"
             )
 
 
@@ -353,7 +356,8 @@ def config_file(path: str | os.PathLike, subfolder: str | None = None, **hub_kwa
         return os.path.join(local, CONFIG_NAME)
     if os.path.isdir(local):
         raise AdapterNotFoundError(
-            f"{os.path.join(local, CONFIG_NAME)} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            f"{os.path.join(local, CONFIG_NAME)} is missing; "
+            f"an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
         )
     from huggingface_hub import hf_hub_download
 

@@ -1,4 +1,5 @@
-"""Training data: built-in tasks, user files through `datasets`, tokenization with loss masks, length-grouped batches."""
+"""Training data: built-in tasks, user files through `datasets`, tokenization with loss masks, length-grouped
+batches."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _schema(row: dict, index: int, source: str) -> str:
     if "text" in row:
         return "text"
     raise ValueError(
-        f"{source}: row {index} has fields {sorted(row)}; expected 'messages', 'prompt'+'completion', 'text'+'label' or 'text'"
+        f"{source}: row {index} has fields {sorted(row)}; "
+        "expected 'messages', 'prompt'+'completion', 'text'+'label' or 'text'"
     )
 
 
@@ -78,7 +80,9 @@ def read_jsonl(path: str) -> list[dict]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ValueError(
+                    f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -98,7 +102,9 @@ def check_utf8(path: str) -> None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise ValueError(
+                    f"{path}: line {n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                ) from None
 
 
 def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Dataset:
@@ -176,9 +182,9 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **kw) 
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-
-
-def encode_lm_row(row: dict, i: int, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, source: str) -> tuple[list[int], list[int]]:
+def encode_lm_row(
+    row: dict, i: int, tokenizer: PreTrainedTokenizerBase, train_on_prompt: bool, source: str
+) -> tuple[list[int], list[int]]:
     """Token ids and labels; labels are IGNORE on prompt tokens unless train_on_prompt."""
     schema = _schema(row, i, source)
     if schema == "messages":
@@ -228,7 +234,9 @@ def bound_text(row: dict, max_chars: int) -> dict:
     return {k: cut(v) for k, v in row.items()}
 
 
-def encode(ds: Dataset, split: str, tokenizer: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool = False) -> tuple[list[dict], int]:
+def encode(
+    ds: Dataset, split: str, tokenizer: PreTrainedTokenizerBase, max_length: int, train_on_prompt: bool = False
+) -> tuple[list[dict], int]:
     """Tokenize a split; returns examples and how many were truncated to max_length."""
     rows = ds.train if split == "train" else ds.eval
     # User files carry their own row numbers ("_row"); built-in splits are separate files, so name the split.
@@ -299,7 +307,10 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     carry the sequence boundaries, and padding forms its own short sequence with no targets."""
     if "position_ids" in examples[0]:
         n = max(len(e["input_ids"]) for e in examples)
-        out = {k: torch.full((len(examples), n), v, dtype=torch.long) for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("position_ids", 0))}
+        out = {
+            k: torch.full((len(examples), n), v, dtype=torch.long)
+            for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("position_ids", 0))
+        }
         for r, e in enumerate(examples):
             m = len(e["input_ids"])
             for k in out:

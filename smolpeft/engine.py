@@ -96,8 +96,15 @@ class Engine:
     `max_waiting` bounds the queue of admitted requests that wait for a batch slot; `max_prompt_tokens` bounds a
     prompt (default: the model's context)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str, max_batch: int = 8, max_waiting: int = 256,
-                 max_prompt_tokens: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        name: str,
+        max_batch: int = 8,
+        max_waiting: int = 256,
+        max_prompt_tokens: int | None = None,
+    ):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.model = model.eval()
@@ -122,8 +129,17 @@ class Engine:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self.adapter_paths: dict[str, str] = dict.fromkeys(getattr(model, "peft_config", {}), "")
-        self.stats = {"steps": 0, "mixed_steps": 0, "prefills": 0, "tokens": 0, "max_rows": 0, "cancelled": 0,
-                      "errors": 0, "active": 0, "waiting": 0}
+        self.stats = {
+            "steps": 0,
+            "mixed_steps": 0,
+            "prefills": 0,
+            "tokens": 0,
+            "max_rows": 0,
+            "cancelled": 0,
+            "errors": 0,
+            "active": 0,
+            "waiting": 0,
+        }
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._calls: list[tuple[Callable, Future]] = []
@@ -134,8 +150,15 @@ class Engine:
         self._stopping = False
 
     @classmethod
-    def load(cls, model: str, adapters: dict[str, str] | None = None, quantize: str | None = None,
-             max_batch: int = 8, device: str | None = None, **limits) -> Engine:
+    def load(
+        cls,
+        model: str,
+        adapters: dict[str, str] | None = None,
+        quantize: str | None = None,
+        max_batch: int = 8,
+        device: str | None = None,
+        **limits,
+    ) -> Engine:
         """The base from a directory or Hub id (4-bit NF4 with quantize="nf4"), with the named adapters loaded.
         `device` defaults to CUDA when there is one; `limits` are Engine's max_waiting and max_prompt_tokens."""
         from .config import TaskType
@@ -165,8 +188,9 @@ class Engine:
         if model in self.adapter_paths:
             return model
         served = ", ".join([self.name, *self.adapters])
-        raise EngineError(Reason.NOT_FOUND, f"model {clip(repr(model))} does not exist; this server has: {served}",
-                          "model")
+        raise EngineError(
+            Reason.NOT_FOUND, f"model {clip(repr(model))} does not exist; this server has: {served}", "model"
+        )
 
     def encode(self, text: str) -> list[int]:
         self._check_length(len(text), "prompt")
@@ -184,8 +208,11 @@ class Engine:
 
     def _check_length(self, chars: int, param: str) -> None:
         if chars > self.max_prompt_tokens * self._longest_token:
-            raise EngineError(Reason.CONTEXT_LENGTH, f"the prompt has {chars} characters, more than "
-                                                     f"{self.max_prompt_tokens} tokens can spell", param)
+            raise EngineError(
+                Reason.CONTEXT_LENGTH,
+                f"the prompt has {chars} characters, more than {self.max_prompt_tokens} tokens can spell",
+                param,
+            )
 
     def check(self, req: Request) -> None:
         """Refuse a request the engine cannot run, with the reason; fill in max_tokens and the sampler's seed."""
@@ -195,32 +222,48 @@ class Engine:
         if not ids:
             raise EngineError(Reason.BAD_REQUEST, "the prompt is empty", "prompt")
         if len(ids) > self.max_prompt_tokens:
-            raise EngineError(Reason.CONTEXT_LENGTH, f"the prompt has {len(ids)} tokens; this server takes up to "
-                                                     f"{self.max_prompt_tokens} (model context {self.context})", "prompt")
+            raise EngineError(
+                Reason.CONTEXT_LENGTH,
+                f"the prompt has {len(ids)} tokens; this server takes up to "
+                f"{self.max_prompt_tokens} (model context {self.context})",
+                "prompt",
+            )
         bad = [t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size]
         if bad:
-            raise EngineError(Reason.BAD_REQUEST, f"token ids {clip(repr(bad[:5]))} are outside the vocabulary "
-                                                  f"(0..{self.vocab_size - 1})", "prompt")
+            raise EngineError(
+                Reason.BAD_REQUEST,
+                f"token ids {clip(repr(bad[:5]))} are outside the vocabulary (0..{self.vocab_size - 1})",
+                "prompt",
+            )
         if p.max_tokens is None:
             p.max_tokens = self.context - len(ids)
         if type(p.max_tokens) is not int or p.max_tokens < 1:
-            raise EngineError(Reason.BAD_REQUEST, f"max_tokens must be a positive integer, got {p.max_tokens!r}",
-                              "max_tokens")
+            raise EngineError(
+                Reason.BAD_REQUEST, f"max_tokens must be a positive integer, got {p.max_tokens!r}", "max_tokens"
+            )
         if len(ids) + p.max_tokens > self.context:
-            raise EngineError(Reason.CONTEXT_LENGTH, f"{len(ids)} prompt tokens + max_tokens {p.max_tokens} exceed "
-                                                     f"this model's context of {self.context} tokens", "max_tokens")
+            raise EngineError(
+                Reason.CONTEXT_LENGTH,
+                f"{len(ids)} prompt tokens + max_tokens {p.max_tokens} exceed "
+                f"this model's context of {self.context} tokens",
+                "max_tokens",
+            )
         if not (math.isfinite(p.temperature) and 0 <= p.temperature <= 2):
-            raise EngineError(Reason.BAD_REQUEST, f"temperature must be in [0, 2], got {p.temperature!r}", "temperature")
+            raise EngineError(
+                Reason.BAD_REQUEST, f"temperature must be in [0, 2], got {p.temperature!r}", "temperature"
+            )
         if not (math.isfinite(p.top_p) and 0 < p.top_p <= 1):
             raise EngineError(Reason.BAD_REQUEST, f"top_p must be in (0, 1], got {p.top_p!r}", "top_p")
         if len(p.stop) > 4 or any(not isinstance(s, str) or not s for s in p.stop):
-            raise EngineError(Reason.BAD_REQUEST, f"stop takes up to 4 non-empty strings, got {clip(repr(p.stop))}",
-                              "stop")
+            raise EngineError(
+                Reason.BAD_REQUEST, f"stop takes up to 4 non-empty strings, got {clip(repr(p.stop))}", "stop"
+            )
         for s in p.stop:
             _check_text(s, "stop")
         if p.seed is not None and not (type(p.seed) is int and -(2**63) <= p.seed < 2**64):
-            raise EngineError(Reason.BAD_REQUEST, f"seed must be an integer in [-2**63, 2**64), got {clip(str(p.seed))}",
-                              "seed")
+            raise EngineError(
+                Reason.BAD_REQUEST, f"seed must be an integer in [-2**63, 2**64), got {clip(str(p.seed))}", "seed"
+            )
         if p.temperature > 0:
             seed = p.seed % 2**64 if p.seed is not None else random.getrandbits(63)  # torch takes 0..2**64-1
             req.generator = torch.Generator().manual_seed(seed)
@@ -405,8 +448,11 @@ class Engine:
         for i, req in enumerate(reqs):
             try:
                 if not math.isfinite(tops[i]):
-                    raise EngineError(Reason.INTERNAL, "the model produced non-finite logits (NaN or inf) for this "
-                                                       f"request; adapter {req.adapter!r} may hold broken weights")
+                    raise EngineError(
+                        Reason.INTERNAL,
+                        "the model produced non-finite logits (NaN or inf) for this "
+                        f"request; adapter {req.adapter!r} may hold broken weights",
+                    )
                 self._append(req, greedy[i] if req.params.temperature == 0 else self._sample(logits[i], tops[i], req))
             except Exception as e:
                 if not isinstance(e, EngineError):
@@ -470,8 +516,9 @@ class Engine:
         except Exception as e:  # the files passed the cheap checks but not the loader: undo what it added
             if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                 self.model.delete_adapter(name)
-            raise EngineError(Reason.BAD_REQUEST, f"could not load adapter {name!r}: {type(e).__name__}: {e}",
-                              "path") from None
+            raise EngineError(
+                Reason.BAD_REQUEST, f"could not load adapter {name!r}: {type(e).__name__}: {e}", "path"
+            ) from None
         finally:
             self.model.eval()  # a loader may leave dropout on; serving is inference, always
         self.adapter_paths[name] = path
@@ -497,8 +544,11 @@ def adapter_path_under(root: str, path: str) -> str:
         inside += [os.path.realpath(entry.path) for entry in os.scandir(real)]
     for p in inside:
         if os.path.commonpath([root, p]) != root:
-            raise EngineError(Reason.FORBIDDEN, f"adapter path {clip(repr(path))} is or holds a file outside the "
-                                                f"adapter directory", "path")
+            raise EngineError(
+                Reason.FORBIDDEN,
+                f"adapter path {clip(repr(path))} is or holds a file outside the adapter directory",
+                "path",
+            )
     return real
 
 
@@ -506,8 +556,9 @@ def _check_adapter_files(path: str) -> None:
     """Cheap checks before the loader runs: a LoRA config whose numbers are numbers, and safetensors weights."""
     config = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config):
-        raise EngineError(Reason.BAD_REQUEST, f"{clip(path, 200)} is not an adapter directory (no {CONFIG_NAME})",
-                          "path")
+        raise EngineError(
+            Reason.BAD_REQUEST, f"{clip(path, 200)} is not an adapter directory (no {CONFIG_NAME})", "path"
+        )
     try:
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -519,20 +570,25 @@ def _check_adapter_files(path: str) -> None:
     for key, types in (("r", (int,)), ("lora_alpha", (int, float))):
         value = cfg.get(key, 8)
         if type(value) not in types or not math.isfinite(value) or value <= 0:
-            raise EngineError(Reason.BAD_REQUEST, f"{CONFIG_NAME}: {key} must be a positive number, found "
-                                                  f"{clip(repr(value))}", "path")
+            raise EngineError(
+                Reason.BAD_REQUEST, f"{CONFIG_NAME}: {key} must be a positive number, found {clip(repr(value))}", "path"
+            )
     if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         found = f"only {BIN_NAME}, which" if os.path.isfile(os.path.join(path, BIN_NAME)) else "no weights, and"
-        raise EngineError(Reason.BAD_REQUEST, f"the adapter has {found} serve does not load: it loads "
-                                              f"{WEIGHTS_NAME} only (a .bin is a pickle)", "path")
+        raise EngineError(
+            Reason.BAD_REQUEST,
+            f"the adapter has {found} serve does not load: it loads {WEIGHTS_NAME} only (a .bin is a pickle)",
+            "path",
+        )
 
 
 def _check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer takes
-        raise EngineError(Reason.BAD_REQUEST, f"{param} is not valid Unicode: {e.reason} at position {e.start}",
-                          param) from None
+        raise EngineError(
+            Reason.BAD_REQUEST, f"{param} is not valid Unicode: {e.reason} at position {e.start}", param
+        ) from None
 
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -62,9 +62,18 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load(base: str | None = None, adapter: str | None = None, *, task_type: TaskType | str | None = None,
-         labels: list[str] | None = None, quantize: str | None = None, dtype: torch.dtype | None = None,
-         device: str | None = None, adapter_name: str = "default", is_trainable: bool = False) -> Loaded:
+def load(
+    base: str | None = None,
+    adapter: str | None = None,
+    *,
+    task_type: TaskType | str | None = None,
+    labels: list[str] | None = None,
+    quantize: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> Loaded:
     """Load `base` (default: the adapter's base_model_name_or_path), then the adapter in `adapter` if given.
 
     task_type: default from the adapter's config, else from the base's architecture. labels: the classification
@@ -96,9 +105,12 @@ def load(base: str | None = None, adapter: str | None = None, *, task_type: Task
     if task_type == TaskType.SEQ_CLS:
         labels = labels if labels is not None else (adapter_labels(adapter) if adapter else None)
         if labels is not None:
-            kw |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                   "label2id": {n: i for i, n in enumerate(labels)},
-                   "ignore_mismatched_sizes": True}  # a head for other labels is replaced (by the adapter's, if any)
+            kw |= {
+                "num_labels": len(labels),
+                "id2label": dict(enumerate(labels)),
+                "label2id": {n: i for i, n in enumerate(labels)},
+                "ignore_mismatched_sizes": True,
+            }  # a head for other labels is replaced (by the adapter's, if any)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(base, **kw)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(base, **kw)

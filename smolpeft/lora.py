@@ -141,8 +141,10 @@ class LoraLayer(nn.Module):
         if config.lora_bias and self.is_embedding:
             raise ValueError("lora_bias=True is not supported for an Embedding base layer (as in PEFT)")
         if config.lora_bias and self.bias is None:
-            warnings.warn(f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: this adapter cannot "
-                          "be merged", stacklevel=4)
+            warnings.warn(
+                f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: this adapter cannot be merged",
+                stacklevel=4,
+            )
         w = self.base_layer.weight
         # Half-precision and quantized bases get fp32 adapters, as PEFT's autocast_adapter_dtype=True gives them:
         # updates of size lr·grad vanish in bf16. fp32=False keeps a half-precision base's dtype.
@@ -351,20 +353,34 @@ class LoraLayer(nn.Module):
         (k+1)×out factors f = m / ||W + s·B A|| (folded into the B's as well) and offsets (1 - f) b; rebuilt only when
         an adapter's tensors change (in-place updates bump the tensor version, reloads replace the tensor)."""
         tensors = [t for n in present for t in self.adapter_params(n)]
-        key = (tuple(present), tuple(id(t) for t in tensors), tuple(t._version for t in tensors),
-               tuple(self.scaling[n] for n in present), id(self.base_layer.weight), self.base_layer.weight._version)
+        key = (
+            tuple(present),
+            tuple(id(t) for t in tensors),
+            tuple(t._version for t in tensors),
+            tuple(self.scaling[n] for n in present),
+            id(self.base_layer.weight),
+            self.base_layer.weight._version,
+        )
         if self._stacked[0] != key:
             with torch.no_grad():
                 As = [self.factors(n)[0] for n in present]
                 ones = As[0].new_ones(self.out_features)
-                fs = [(self.lora_magnitude_vector[n].weight / self.weight_norm(n)).to(ones.dtype) if self.use_dora[n]
-                      else ones for n in present]
+                fs = [
+                    (self.lora_magnitude_vector[n].weight / self.weight_norm(n)).to(ones.dtype)
+                    if self.use_dora[n]
+                    else ones
+                    for n in present
+                ]
                 Bs = [self.factors(n)[1] * (self.scaling[n] * f)[:, None] for n, f in zip(present, fs)]
                 f = torch.stack([*fs, ones]) if any(self.use_dora[n] for n in present) else None
                 b = self.bias
                 offset = None if f is None or b is None else (1 - f) * b.to(f.dtype)
-                stacked = (torch.stack([*As, torch.zeros_like(As[0])]), torch.stack([*Bs, torch.zeros_like(Bs[0])]),
-                           f, offset)
+                stacked = (
+                    torch.stack([*As, torch.zeros_like(As[0])]),
+                    torch.stack([*Bs, torch.zeros_like(Bs[0])]),
+                    f,
+                    offset,
+                )
             # The tensors are kept with the key so that their ids cannot be reused by new tensors while cached.
             self._stacked = (key, stacked, tensors)
         return self._stacked[1]
@@ -388,8 +404,10 @@ class LoraLayer(nn.Module):
             new = W.to(delta.dtype) + delta if quantized else (W.clone() if safe else W).add_(delta)
         bias = self.bias.data + self.scaling[name] * self.lora_B[name].bias.detach() if self.lora_bias[name] else None
         if safe and not (torch.isfinite(new).all() and (bias is None or torch.isfinite(bias).all())):
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
-                             "(the layer was left unmerged)")
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                "(the layer was left unmerged)"
+            )
         if quantized or safe or self.use_dora[name]:
             self.set_base_weight(new)
         if bias is not None:
@@ -425,8 +443,14 @@ class LoraLayer(nn.Module):
             self.merged_adapters.pop()
 
     def delete(self, name: str) -> None:
-        for d in (self.lora_A, self.lora_B, self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout,
-                  self.lora_magnitude_vector):
+        for d in (
+            self.lora_A,
+            self.lora_B,
+            self.lora_embedding_A,
+            self.lora_embedding_B,
+            self.lora_dropout,
+            self.lora_magnitude_vector,
+        ):
             _discard(d, name)
         for d in (self.scaling, self.r, self.lora_alpha, self.use_dora, self.lora_bias, self._norms):
             d.pop(name, None)
@@ -526,7 +550,10 @@ def _layer_index_ok(name: str, config: LoraConfig) -> bool:
 def _user_modules(model: nn.Module):
     """named_modules() without the insides of our own wrappers."""
     for name, m in model.named_modules():
-        if re.search(r"(^|\.)(base_layer|lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|lora_magnitude_vector|original_module|modules_to_save)(\.|$)", name):
+        if re.search(
+            r"(^|\.)(base_layer|lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_dropout|lora_magnitude_vector|original_module|modules_to_save)(\.|$)",
+            name,
+        ):
             continue
         yield name, m
 
@@ -561,7 +588,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             if linear_only or isinstance(spec, str):
                 continue  # a regex may match containers; only leaf layers are targets
             raise TypeError(
-                f"target module {name!r} is a {type(base).__name__}; LoRA supports Linear, Conv1D, Embedding, Linear4bit"
+                f"target module {name!r} is a {type(base).__name__}; "
+                "LoRA supports Linear, Conv1D, Embedding, Linear4bit"
             )
         names.append(name)
     if not names:
@@ -612,8 +640,11 @@ def add_modules_to_save(model: nn.Module, module_names: list[str], name: str, st
 
 def modules_to_save_copies(model: nn.Module, name: str) -> list[nn.Module]:
     """Adapter `name`'s trained copies of whole modules."""
-    return [m.modules_to_save[name] for _, m in model.named_modules()
-            if isinstance(m, ModulesToSave) and name in m.modules_to_save]
+    return [
+        m.modules_to_save[name]
+        for _, m in model.named_modules()
+        if isinstance(m, ModulesToSave) and name in m.modules_to_save
+    ]
 
 
 def delete_modules_to_save(model: nn.Module, name: str) -> None:

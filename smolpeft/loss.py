@@ -156,7 +156,9 @@ def causal_lm_forward(
     if num_items_in_batch is None:
         loss = total / keep.sum().clamp(min=1)  # an all-ignored batch gives 0 (transformers: nan)
     else:
-        loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        loss = total / (
+            num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        )
     rest = {f.name: getattr(out, f.name, None) for f in dataclasses.fields(CausalLMOutputWithPast)[2:]}
     output = LeanCausalLMOutput(loss=loss, **rest)
     output.__dict__["_pending"] = (head, hidden)

@@ -16,20 +16,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from . import checkpoint, lora, storage
 from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
-from .lora import BASE, AdapterState, LoraLayer
+from .lora import BASE, AdapterState
 from .loss import causal_lm_forward, lean_applies
 from .prompt import PromptEmbedding, prepend
 from .surface import refuse
-from torch.nn.modules.module import _IncompatibleKeys
-
 from .tuner import CLS_HEADS, LoraModel
 
 # Keyword arguments of from_pretrained/load_adapter that only choose where the files come from.
 _HUB_KWARGS = {"subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "use_auth_token"}
-
 
 
 class NoWeightsError(ValueError, AttributeError):
@@ -80,7 +78,11 @@ class PeftModel(nn.Module):
         return not isinstance(self.base_model, LoraModel)
 
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
         refuse(peft_config)
@@ -143,7 +145,9 @@ class PeftModel(nn.Module):
 
     def _check_known(self, name: str) -> None:
         if name not in self.peft_config:
-            raise ValueError(f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}")
+            raise ValueError(
+                f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}"
+            )
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -181,7 +185,9 @@ class PeftModel(nn.Module):
             return
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}, {BASE}")
+            raise ValueError(
+                f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}, {BASE}"
+            )
         if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
             raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         self._state.row_adapters = list(adapter_names)
@@ -229,10 +235,18 @@ class PeftModel(nn.Module):
                 if args:  # the first positional argument of a transformers model is input_ids
                     kwargs["input_ids"], args = args[0], ()
                 embeds, mask, labels = self._prompt_inputs(
-                    kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None),
-                    kwargs.pop("labels", None), kwargs, adapter_names,
+                    kwargs.pop("input_ids", None),
+                    kwargs.pop("inputs_embeds", None),
+                    kwargs.pop("attention_mask", None),
+                    kwargs.pop("labels", None),
+                    kwargs,
+                    adapter_names,
                 )
-                kwargs |= {k: v for k, v in (("inputs_embeds", embeds), ("attention_mask", mask), ("labels", labels)) if v is not None}
+                kwargs |= {
+                    k: v
+                    for k, v in (("inputs_embeds", embeds), ("attention_mask", mask), ("labels", labels))
+                    if v is not None
+                }
             if not args and kwargs.get("labels") is not None and lean_applies(self.get_base_model(), kwargs):
                 return causal_lm_forward(self.get_base_model(), **kwargs)  # chunked loss, logits computed on access
             return self.base_model(*args, **kwargs)
@@ -242,7 +256,9 @@ class PeftModel(nn.Module):
             if not self._prompt_on():
                 return self.get_base_model().generate(*args, **kwargs)
             input_ids = kwargs.pop("input_ids", args[0] if args else None)
-            embeds, mask, _ = self._prompt_inputs(input_ids, None, kwargs.pop("attention_mask", None), None, kwargs, adapter_names)
+            embeds, mask, _ = self._prompt_inputs(
+                input_ids, None, kwargs.pop("attention_mask", None), None, kwargs, adapter_names
+            )
             if mask is None:
                 mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             out = self.base_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
@@ -269,7 +285,9 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self._lora("unmerge_adapter").unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
         """Merge and return the plain transformers model, with no adapter modules left in it."""
         return self._lora("merge_and_unload").merge_and_unload(progressbar, safe_merge, adapter_names)
 
@@ -308,15 +326,23 @@ class PeftModel(nn.Module):
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
-            params = checkpoint.get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            params = checkpoint.get_peft_model_state_dict(
+                self, adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
             if path_initial_model_for_weight_conversion is not None:
                 config, params = checkpoint.principal_to_lora(config, params, path_initial_model_for_weight_conversion)
             checkpoint.save_weights(params, out, safe_serialization)
             config.save_pretrained(out)
             checkpoint.write_model_card(out, config)
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload adapter", **save_kwargs: Any) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload adapter",
+        **save_kwargs: Any,
+    ) -> Any:
         """Upload the adapter files only (never the base model's weights) to a Hub repository."""
         import tempfile
 
@@ -417,7 +443,9 @@ class PeftModel(nn.Module):
         nn.Module.__init__(peft_model)
         peft_model._setup(model, isinstance(config, LoraConfig), adapter_name, autocast_adapter_dtype)
         try:
-            peft_model._load(path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast_adapter_dtype)
+            peft_model._load(
+                path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast_adapter_dtype
+            )
         except BaseException:
             if not peft_model._is_prompt():
                 peft_model.base_model.unload()
@@ -487,14 +515,34 @@ def _check_device_map(device_map: Any) -> None:
         raise ValueError("device_map spreading an adapter over several devices is not supported by smolpeft")
 
 
-def _named_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                   output_hidden_states=None, return_dict=None, task_ids=None, adapter_names=None, **kwargs):
+def _named_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    labels=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    task_ids=None,
+    adapter_names=None,
+    **kwargs,
+):
     """PeftModel.forward with transformers' argument names spelled out, so Trainer keeps those dataset columns."""
     if task_ids is not None:
         raise ValueError("task_ids are for multitask prompt tuning, which smolpeft does not do")
-    args = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict)
-    return PeftModel.forward(self, adapter_names=adapter_names, **{k: v for k, v in args.items() if v is not None}, **kwargs)
+    args = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        labels=labels,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        return_dict=return_dict,
+    )
+    return PeftModel.forward(
+        self, adapter_names=adapter_names, **{k: v for k, v in args.items() if v is not None}, **kwargs
+    )
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -546,7 +594,9 @@ class _AutoPeftModel:
     _auto_name = "AutoModel"
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    ):
         """Load the base named by `base_model_name_or_path` (kwargs go to its from_pretrained), then the adapter."""
         import transformers
 
@@ -562,7 +612,9 @@ class _AutoPeftModel:
             elif heads:
                 kwargs["num_labels"] = heads[-1][0]  # the trained head's last layer says how many labels there are
         base = getattr(transformers, cls._auto_name).from_pretrained(config.base_model_name_or_path, **kwargs)
-        return PeftModel.from_pretrained(base, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config)
+        return PeftModel.from_pretrained(
+            base, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config
+        )
 
 
 class AutoPeftModel(_AutoPeftModel):

@@ -18,7 +18,9 @@ def bnb_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.flo
     except ImportError as e:
         raise ImportError("4-bit loading needs bitsandbytes: pip install 'smolpeft[qlora]'") from e
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
     )
 
@@ -78,13 +80,23 @@ def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
     old = layer.weight
     dense = dense.detach().float().cpu()
     if type(old).__name__ == "Params4bit":
-        warnings.warn("merging into a 4-bit layer re-quantizes it: outputs shift by the NF4 rounding error; "
-                      "dequantize() first for an exact merge", stacklevel=4)
-        new = bnb.nn.Params4bit(dense, requires_grad=False, quant_type=old.quant_state.quant_type,
-                                compress_statistics=old.compress_statistics, blocksize=old.blocksize, module=layer)
+        warnings.warn(
+            "merging into a 4-bit layer re-quantizes it: outputs shift by the NF4 rounding error; "
+            "dequantize() first for an exact merge",
+            stacklevel=4,
+        )
+        new = bnb.nn.Params4bit(
+            dense,
+            requires_grad=False,
+            quant_type=old.quant_state.quant_type,
+            compress_statistics=old.compress_statistics,
+            blocksize=old.blocksize,
+            module=layer,
+        )
     elif type(old).__name__ == "Int8Params":
-        warnings.warn("merging into an 8-bit layer re-quantizes it: outputs shift by the int8 rounding error",
-                      stacklevel=4)
+        warnings.warn(
+            "merging into an 8-bit layer re-quantizes it: outputs shift by the int8 rounding error", stacklevel=4
+        )
         new = bnb.nn.Int8Params(dense.to(torch.float16), requires_grad=False, has_fp16_weights=old.has_fp16_weights)
         layer.state.reset_grads()
         layer.state.SCB = None
@@ -99,7 +111,9 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     """Replace every Linear4bit (also inside LoRA wrappers) by an nn.Linear with its dequantized weight, in place."""
     for path, m in list(model.named_modules()):
         if type(m).__name__ == "Linear4bit":
-            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=dtype)
+            dense = nn.Linear(
+                m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device, dtype=dtype
+            )
             with torch.no_grad():
                 dense.weight.copy_(dense_weight(m).to(dtype))
                 if m.bias is not None:

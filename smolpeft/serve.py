@@ -50,8 +50,14 @@ STATUS: dict[Reason, tuple[int, str | None]] = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 
@@ -109,8 +115,17 @@ class AdapterBody(BaseModel):
 
 
 # Fields of the OpenAI schema that this server does not implement: accepted at their no-op value, refused otherwise.
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0, "logit_bias": {},
-            "echo": False, "best_of": 1, "suffix": "", "user": None}
+_NEUTRAL = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "top_logprobs": 0,
+    "logit_bias": {},
+    "echo": False,
+    "best_of": 1,
+    "suffix": "",
+    "user": None,
+}
 
 
 def _check_extras(body: BaseModel) -> None:
@@ -161,8 +176,9 @@ def _guarded(route):
     return wrapper
 
 
-def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    engine: Engine, api_key: str | None = None, adapter_dir: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
     """The routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/adapters, /health. With an `api_key`, every
     route but /health needs it, and /health tells only status and counters. No docs or OpenAPI routes."""
     app = FastAPI(title="smolpeft serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -180,7 +196,9 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     async def _http_error(request: HTTPRequest, e: HTTPException):  # no route, or a wrong method
         if not key_ok(request):
             return _error(401, "missing or wrong API key", "invalid_request_error", "invalid_api_key")
-        return _error(e.status_code, str(e.detail), "invalid_request_error", "not_found" if e.status_code == 404 else None)
+        return _error(
+            e.status_code, str(e.detail), "invalid_request_error", "not_found" if e.status_code == 404 else None
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(_, e: Exception):
@@ -200,8 +218,9 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     async def parse(request: HTTPRequest, cls: type[BaseModel]):
         """Authenticate, then read at most max_body_bytes: a client cannot make the server hold or parse more."""
         check_key(request)
-        too_large = APIError(413, f"the request body is over {max_body_bytes} bytes (--max-body-bytes)",
-                             code="request_too_large")
+        too_large = APIError(
+            413, f"the request body is over {max_body_bytes} bytes (--max-body-bytes)", code="request_too_large"
+        )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_body_bytes:
             raise too_large
@@ -239,10 +258,18 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
     @_guarded
     async def models(request: HTTPRequest):
         check_key(request)
-        base = {"id": engine.name, "object": "model", "created": created, "owned_by": "smolpeft",
-                "root": engine.name, "parent": None}
-        data = [base] + [base | {"id": name, "root": path, "parent": engine.name}
-                         for name, path in dict(engine.adapter_paths).items()]
+        base = {
+            "id": engine.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "smolpeft",
+            "root": engine.name,
+            "parent": None,
+        }
+        data = [base] + [
+            base | {"id": name, "root": path, "parent": engine.name}
+            for name, path in dict(engine.adapter_paths).items()
+        ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
@@ -251,8 +278,9 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
         body = await parse(request, CompletionBody)
         adapter = engine.resolve(body.model)
         params = sampling(body, body.max_tokens or 16)  # 16: OpenAI's default
-        return await respond(request, body, "text_completion", Request([], adapter, params),
-                             lambda: prompt_ids(body.prompt))
+        return await respond(
+            request, body, "text_completion", Request([], adapter, params), lambda: prompt_ids(body.prompt)
+        )
 
     @app.post("/v1/chat/completions")
     @_guarded
@@ -266,8 +294,9 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
             if any(p.type != "text" for p in parts):
                 raise APIError(400, "only text content parts are supported", param="messages")
             messages.append({"role": m.role, "content": "".join(p.text or "" for p in parts)})
-        return await respond(request, body, "chat.completion", Request([], adapter, params),
-                             lambda: engine.encode_chat(messages))
+        return await respond(
+            request, body, "chat.completion", Request([], adapter, params), lambda: engine.encode_chat(messages)
+        )
 
     async def respond(request: HTTPRequest, body: _Body, kind: str, req: Request, tokenize):
         loop, event = asyncio.get_running_loop(), asyncio.Event()
@@ -361,8 +390,14 @@ def create_app(engine: Engine, api_key: str | None = None, adapter_dir: str | No
             raise APIError(403, "hot-loading is off: start the server with --adapter-dir DIR", code="forbidden")
         path = await run_in_threadpool(adapter_path_under, adapter_dir, body.path)
         await run_in_threadpool(engine.load_adapter, body.name, path)
-        return {"id": body.name, "object": "model", "created": int(time.time()), "owned_by": "smolpeft",
-                "root": path, "parent": engine.name}
+        return {
+            "id": body.name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "smolpeft",
+            "root": path,
+            "parent": engine.name,
+        }
 
     @app.delete("/v1/adapters/{name:path}")
     @_guarded
@@ -383,8 +418,9 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None,
-                    environ: dict[str, str] | None = None) -> str | None:
+def resolve_api_key(
+    api_key: str | None = None, api_key_file: str | None = None, environ: dict[str, str] | None = None
+) -> str | None:
     """The key from --api-key, else from --api-key-file, else from $SMOLPEFT_API_KEY; None: no key. A file or the
     environment keeps the key out of argv, which any local user can read in the process list."""
     if api_key and api_key_file:
@@ -398,10 +434,20 @@ def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None,
     return api_key or (os.environ if environ is None else environ).get("SMOLPEFT_API_KEY") or None
 
 
-def serve(model: str, adapters: dict[str, str] | None = None, adapter_dir: str | None = None, host: str = "127.0.0.1",
-          port: int = 8000, api_key: str | None = None, max_batch: int = 8, quantize: str | None = None,
-          api_key_file: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
-          max_waiting: int = MAX_WAITING) -> None:
+def serve(
+    model: str,
+    adapters: dict[str, str] | None = None,
+    adapter_dir: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    quantize: str | None = None,
+    api_key_file: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_prompt_tokens: int | None = None,
+    max_waiting: int = MAX_WAITING,
+) -> None:
     """Load the engine and run the API with uvicorn until interrupted."""
     import uvicorn
 
@@ -410,8 +456,14 @@ def serve(model: str, adapters: dict[str, str] | None = None, adapter_dir: str |
     api_key = resolve_api_key(api_key, api_key_file)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach the port can use and change it", host)
-    engine = Engine.load(model, adapters, quantize=quantize, max_batch=max_batch, max_waiting=max_waiting,
-                         max_prompt_tokens=max_prompt_tokens)
+    engine = Engine.load(
+        model,
+        adapters,
+        quantize=quantize,
+        max_batch=max_batch,
+        max_waiting=max_waiting,
+        max_prompt_tokens=max_prompt_tokens,
+    )
     engine.start()
     log.info("serving %s with adapters %s on http://%s:%d/v1", model, engine.adapters or "(none)", host, port)
     try:

@@ -136,8 +136,11 @@ def foreign_entries(directory: str | os.PathLike) -> list[str]:
     m = read_manifest(directory) or {"files": {}, "patterns": []}
     own = set(m["files"]) | {MANIFEST}
     return sorted(
-        n for n in os.listdir(directory)
-        if n not in own and not TMP_RE.match(n) and not n.startswith(".tmp-")
+        n
+        for n in os.listdir(directory)
+        if n not in own
+        and not TMP_RE.match(n)
+        and not n.startswith(".tmp-")
         and not any(fnmatch.fnmatchcase(n, p) for p in m.get("patterns", []))
     )
 
@@ -149,8 +152,12 @@ def inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected: dict[str, str | None] | None = None,
-                     allow_nonempty: bool = False) -> None:
+def check_output_dir(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    protected: dict[str, str | None] | None = None,
+    allow_nonempty: bool = False,
+) -> None:
     """Refuse to write `path` when that could destroy something.
 
     Never (overwrite or not): the current directory, a directory holding it, or a `protected` directory (the
@@ -162,8 +169,9 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected
     for what, p in {"the current directory": os.getcwd(), **(protected or {})}.items():
         if p and os.path.exists(p) and inside(os.path.realpath(p), real):
             same = os.path.realpath(p) == real
-            raise OutputDirError(f"output directory {path} {'is' if same else 'holds'} {what} ({p}); "
-                                 "choose another output directory")
+            raise OutputDirError(
+                f"output directory {path} {'is' if same else 'holds'} {what} ({p}); choose another output directory"
+            )
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -173,14 +181,18 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected
         return
     if not overwrite:
         count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
-        raise OutputDirError(f"output directory {path} is not empty ({count}, e.g. {sorted(entries)[0]!r}); "
-                             "choose a new directory, or overwrite it if it is a smolpeft output", overwritable=True)
+        raise OutputDirError(
+            f"output directory {path} is not empty ({count}, e.g. {sorted(entries)[0]!r}); "
+            "choose a new directory, or overwrite it if it is a smolpeft output",
+            overwritable=True,
+        )
     if read_manifest(path) is None:
         raise OutputDirError(f"output directory {path} is not a smolpeft output (no {MANIFEST}); not replacing it")
     foreign = foreign_entries(path)
     if foreign:
-        raise OutputDirError(f"output directory {path} holds files smolpeft did not write: {', '.join(foreign[:5])}; "
-                             "not replacing it")
+        raise OutputDirError(
+            f"output directory {path} holds files smolpeft did not write: {', '.join(foreign[:5])}; not replacing it"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -271,8 +283,14 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def commit_dir(path: str | os.PathLike, fill: Callable[[str], None], kind: str, patterns: Iterable[str] = (),
-               keep: Iterable[str] = (), **manifest) -> None:
+def commit_dir(
+    path: str | os.PathLike,
+    fill: Callable[[str], None],
+    kind: str,
+    patterns: Iterable[str] = (),
+    keep: Iterable[str] = (),
+    **manifest,
+) -> None:
     """Build a directory with `fill(tmp)` beside `path`, write its manifest last, then put it in place of `path`.
 
     Entries of the existing `path` that match `keep` (a run's checkpoints) are carried into the new directory by

@@ -20,8 +20,18 @@ from .train import TrainConfig, pyplot, quiet_libraries, save_figure, train
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 REPORT_PATTERNS = ("results.*", "init_results.*", "serving.*", "*.png", "runs")  # what a report directory holds
-COLUMNS = ["method", "rank", "trainable_params", "pct_of_total", "size_on_disk_bytes", "train_time_s", "tokens_per_s",
-           "peak_rss_mb", "metric", "value"]
+COLUMNS = [
+    "method",
+    "rank",
+    "trainable_params",
+    "pct_of_total",
+    "size_on_disk_bytes",
+    "train_time_s",
+    "tokens_per_s",
+    "peak_rss_mb",
+    "metric",
+    "value",
+]
 
 
 def fresh_report_dir(out_dir: str, overwrite: bool) -> None:
@@ -75,27 +85,50 @@ def _write_table(rows: list[dict], out_dir: str, name: str, columns: list[str]) 
     storage.atomic_write(os.path.join(out_dir, f"{name}.md"), ("\n".join(md) + "\n").encode())
 
 
-def sweep(base: TrainConfig, out_dir: str, ranks: Sequence[int] = RANKS, methods: Sequence[str] = ("lora", "full", "prompt"),
-          log: Callable[[str], None] = print) -> list[dict]:
+def sweep(
+    base: TrainConfig,
+    out_dir: str,
+    ranks: Sequence[int] = RANKS,
+    methods: Sequence[str] = ("lora", "full", "prompt"),
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Train `base` once per LoRA rank and once per other method, on the same data, steps and seed."""
     fresh_report_dir(out_dir, base.overwrite)
     runs = [(m, r) for m in methods for r in (ranks if m in ("lora", "dora", "qlora") else [None])]
     rows = []
     for i, (method, r) in enumerate(runs, 1):
         name = f"{method}-r{r}" if r else method
-        cfg = dataclasses.replace(base, method=method, r=r or base.r, lora_alpha=None if r else base.lora_alpha,
-                                  output_dir=os.path.join(out_dir, "runs", name), resume=None, save_every=0,
-                                  overwrite=False)
+        cfg = dataclasses.replace(
+            base,
+            method=method,
+            r=r or base.r,
+            lora_alpha=None if r else base.lora_alpha,
+            output_dir=os.path.join(out_dir, "runs", name),
+            resume=None,
+            save_every=0,
+            overwrite=False,
+        )
         s = run_isolated(cfg)
         metric, value = _metric(s["after"])
-        rows.append({
-            "method": method, "rank": r, "trainable_params": s["trainable_params"], "pct_of_total": s["trainable_pct"],
-            "size_on_disk_bytes": _weights_size(cfg.output_dir), "train_time_s": s["train_time_s"],
-            "tokens_per_s": s["tokens_per_s"], "peak_rss_mb": s["peak_rss_mb"], "metric": metric, "value": value,
-            "run_dir": cfg.output_dir,
-        })
-        log(f"[{i}/{len(runs)}] {name}: {metric} {value:.4f}, {s['trainable_params']:,} trainable params, "
-            f"{s['train_time_s']:.0f}s")
+        rows.append(
+            {
+                "method": method,
+                "rank": r,
+                "trainable_params": s["trainable_params"],
+                "pct_of_total": s["trainable_pct"],
+                "size_on_disk_bytes": _weights_size(cfg.output_dir),
+                "train_time_s": s["train_time_s"],
+                "tokens_per_s": s["tokens_per_s"],
+                "peak_rss_mb": s["peak_rss_mb"],
+                "metric": metric,
+                "value": value,
+                "run_dir": cfg.output_dir,
+            }
+        )
+        log(
+            f"[{i}/{len(runs)}] {name}: {metric} {value:.4f}, {s['trainable_params']:,} trainable params, "
+            f"{s['train_time_s']:.0f}s"
+        )
     _write_table(rows, out_dir, "results", COLUMNS)
     _plot_sweep(rows, out_dir)
     return rows
@@ -114,8 +147,12 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     if lora:
         ax.set_xscale("log", base=2)
     for r, style in zip(others, ["--", ":", "-."]):
-        ax.axhline(r["value"], linestyle=style, color="gray" if r["method"] == "full" else "tab:orange",
-                   label=f"{r['method']} ({r['trainable_params']:,} params)")
+        ax.axhline(
+            r["value"],
+            linestyle=style,
+            color="gray" if r["method"] == "full" else "tab:orange",
+            label=f"{r['method']} ({r['trainable_params']:,} params)",
+        )
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} against LoRA rank")
@@ -126,8 +163,13 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         ax.scatter(r["trainable_params"], r["value"], color="tab:blue" if r["rank"] else "tab:red")
-        ax.annotate(f"r={r['rank']}" if r["rank"] else r["method"], (r["trainable_params"], r["value"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            f"r={r['rank']}" if r["rank"] else r["method"],
+            (r["trainable_params"], r["value"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(metric)
@@ -139,7 +181,9 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     for r in rows:
         with open(os.path.join(r["run_dir"], "metrics.jsonl")) as f:
             pts = [m for m in map(json.loads, f) if "loss" in m]
-        ax.plot([m["step"] for m in pts], [m["loss"] for m in pts], label=f"r={r['rank']}" if r["rank"] else r["method"])
+        ax.plot(
+            [m["step"] for m in pts], [m["loss"] for m in pts], label=f"r={r['rank']}" if r["rank"] else r["method"]
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_title("training loss")
@@ -148,9 +192,14 @@ def _plot_sweep(rows: list[dict], out_dir: str) -> None:
     save_figure(fig, os.path.join(out_dir, "loss_curves.png"))
 
 
-def compare_init(base: TrainConfig, out_dir: str, tasks: Sequence[str] = ("sentiment", "topic", "intent"),
-                 inits: Sequence[str] = ("RANDOM", "TEXT", "SAMPLE_VOCAB"), token_counts: Sequence[int] = (8, 20),
-                 log: Callable[[str], None] = print) -> dict:
+def compare_init(
+    base: TrainConfig,
+    out_dir: str,
+    tasks: Sequence[str] = ("sentiment", "topic", "intent"),
+    inits: Sequence[str] = ("RANDOM", "TEXT", "SAMPLE_VOCAB"),
+    token_counts: Sequence[int] = (8, 20),
+    log: Callable[[str], None] = print,
+) -> dict:
     """Prompt tuning with each init and token count on each task; every adapter evaluated on every task.
 
     All tasks share one classification head over the union of their labels, so that every adapter fits one base
@@ -166,24 +215,43 @@ def compare_init(base: TrainConfig, out_dir: str, tasks: Sequence[str] = ("senti
     rows = []
     runs = [(t, i, n) for t in tasks for i in inits for n in token_counts]
     for k, (task, init, n) in enumerate(runs, 1):
-        cfg = dataclasses.replace(base, task=task, data=None, method="prompt", prompt_tuning_init=init,
-                                  num_virtual_tokens=n, prompt_tuning_init_text=text if init == "TEXT" else None,
-                                  labels=labels,
-                                  output_dir=os.path.join(out_dir, "runs", f"{task}-{init.lower()}-{n}"), resume=None,
-                                  overwrite=False)
+        cfg = dataclasses.replace(
+            base,
+            task=task,
+            data=None,
+            method="prompt",
+            prompt_tuning_init=init,
+            num_virtual_tokens=n,
+            prompt_tuning_init_text=text if init == "TEXT" else None,
+            labels=labels,
+            output_dir=os.path.join(out_dir, "runs", f"{task}-{init.lower()}-{n}"),
+            resume=None,
+            overwrite=False,
+        )
         s = run_isolated(cfg)
-        rows.append({"task": task, "init": init, "virtual_tokens": n, "accuracy": s["after"]["eval_accuracy"],
-                     "accuracy_before": s["before"]["eval_accuracy"], "train_time_s": s["train_time_s"],
-                     "run_dir": cfg.output_dir})
+        rows.append(
+            {
+                "task": task,
+                "init": init,
+                "virtual_tokens": n,
+                "accuracy": s["after"]["eval_accuracy"],
+                "accuracy_before": s["before"]["eval_accuracy"],
+                "train_time_s": s["train_time_s"],
+                "run_dir": cfg.output_dir,
+            }
+        )
         log(f"[{k}/{len(runs)}] {task} {init} n={n}: accuracy {s['after']['eval_accuracy']:.4f}")
-    _write_table(rows, out_dir, "init_results", ["task", "init", "virtual_tokens", "accuracy", "accuracy_before", "train_time_s"])
+    _write_table(
+        rows, out_dir, "init_results", ["task", "init", "virtual_tokens", "accuracy", "accuracy_before", "train_time_s"]
+    )
     serving = cross_task(rows, tasks, max(token_counts), base, out_dir, labels)
     _plot_inits(rows, serving, tasks, inits, out_dir)
     return {"runs": rows, "serving": serving}
 
 
-def cross_task(rows: list[dict], tasks: Sequence[str], n: int, base: TrainConfig, out_dir: str,
-               labels: list[str]) -> dict:
+def cross_task(
+    rows: list[dict], tasks: Sequence[str], n: int, base: TrainConfig, out_dir: str, labels: list[str]
+) -> dict:
     """Load every task's adapters into one base model; evaluate each on each task; time the switches."""
     import torch
 
@@ -193,8 +261,13 @@ def cross_task(rows: list[dict], tasks: Sequence[str], n: int, base: TrainConfig
 
     chosen = [r for r in rows if r["virtual_tokens"] == n]
     names = [f"{r['task']}-{r['init'].lower()}" for r in chosen]
-    model, tok, _, _ = load(base.model or bundled_model(), chosen[0]["run_dir"], task_type=TaskType.SEQ_CLS,
-                            labels=labels, adapter_name=names[0])
+    model, tok, _, _ = load(
+        base.model or bundled_model(),
+        chosen[0]["run_dir"],
+        task_type=TaskType.SEQ_CLS,
+        labels=labels,
+        adapter_name=names[0],
+    )
     for r, name in zip(chosen[1:], names[1:]):
         model.load_adapter(r["run_dir"], adapter_name=name)
     full_bytes = sum(p.numel() * p.element_size() for p in model.get_base_model().parameters())
@@ -206,8 +279,9 @@ def cross_task(rows: list[dict], tasks: Sequence[str], n: int, base: TrainConfig
     matrix = {}
     for name in names:
         model.set_adapter(name)
-        matrix[name] = {t: evaluate(model, eval_sets[t], TaskType.SEQ_CLS, tok.pad_token_id)["eval_accuracy"]
-                        for t in tasks}
+        matrix[name] = {
+            t: evaluate(model, eval_sets[t], TaskType.SEQ_CLS, tok.pad_token_id)["eval_accuracy"] for t in tasks
+        }
     switches = []
     with torch.no_grad():
         for i in range(200):
@@ -215,14 +289,29 @@ def cross_task(rows: list[dict], tasks: Sequence[str], n: int, base: TrainConfig
             model.set_adapter(names[i % len(names)])
             switches.append(time.perf_counter() - t0)
     sizes = {name: _weights_size(r["run_dir"]) for r, name in zip(chosen, names)}
-    serving = {"virtual_tokens": n, "matrix": matrix, "switch_ms_median": 1000 * statistics.median(switches),
-               "adapter_bytes": sizes, "full_model_bytes": full_bytes}
+    serving = {
+        "virtual_tokens": n,
+        "matrix": matrix,
+        "switch_ms_median": 1000 * statistics.median(switches),
+        "adapter_bytes": sizes,
+        "full_model_bytes": full_bytes,
+    }
     storage.atomic_write(os.path.join(out_dir, "serving.json"), (json.dumps(serving, indent=2) + "\n").encode())
-    md = [f"# Every adapter on every task (prompt tuning, {n} virtual tokens, accuracy)", "",
-          "| adapter \\ task | " + " | ".join(tasks) + " | size on disk |", "|---|" + "---|" * (len(tasks) + 1)]
-    md += [f"| {a} | " + " | ".join(f"{matrix[a][t]:.3f}" for t in tasks) + f" | {sizes[a] / 1024:.1f} KiB |" for a in names]
-    md += ["", f"A full copy of the model: {full_bytes / 2**20:.1f} MiB. Switching adapters on the shared base "
-               f"(set_adapter, no reload): median {serving['switch_ms_median']:.4f} ms over 200 switches."]
+    md = [
+        f"# Every adapter on every task (prompt tuning, {n} virtual tokens, accuracy)",
+        "",
+        "| adapter \\ task | " + " | ".join(tasks) + " | size on disk |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    md += [
+        f"| {a} | " + " | ".join(f"{matrix[a][t]:.3f}" for t in tasks) + f" | {sizes[a] / 1024:.1f} KiB |"
+        for a in names
+    ]
+    md += [
+        "",
+        f"A full copy of the model: {full_bytes / 2**20:.1f} MiB. Switching adapters on the shared base "
+        f"(set_adapter, no reload): median {serving['switch_ms_median']:.4f} ms over 200 switches.",
+    ]
     storage.atomic_write(os.path.join(out_dir, "serving.md"), ("\n".join(md) + "\n").encode())
     return serving
 
@@ -236,8 +325,10 @@ def _plot_inits(rows: list[dict], serving: dict, tasks: Sequence[str], inits: Se
     for ax, t in zip(axes, tasks):
         width = 0.8 / len(inits)
         for j, init in enumerate(inits):
-            vals = [next(r["accuracy"] for r in rows if r["task"] == t and r["init"] == init and r["virtual_tokens"] == c)
-                    for c in counts]
+            vals = [
+                next(r["accuracy"] for r in rows if r["task"] == t and r["init"] == init and r["virtual_tokens"] == c)
+                for c in counts
+            ]
             ax.bar([i + j * width for i in range(len(counts))], vals, width, label=init)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(counts))], [f"{c} tokens" for c in counts])
         ax.set_title(t)

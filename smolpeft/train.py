@@ -39,8 +39,20 @@ STATE_NAME = "trainer_state.pt"
 RUN_PATTERNS = ("checkpoint-*", "metrics.jsonl")  # what a run directory gains while it trains
 # Options a resumed run may change (they are logged); every other option, the base model, the data and the shapes
 # of the trained tensors must match the checkpoint.
-RESUMABLE = ("lr", "max_steps", "epochs", "schedule", "warmup", "weight_decay", "clip", "eval_every", "save_every",
-             "early_stop", "log_every", "gradient_checkpointing")
+RESUMABLE = (
+    "lr",
+    "max_steps",
+    "epochs",
+    "schedule",
+    "warmup",
+    "weight_decay",
+    "clip",
+    "eval_every",
+    "save_every",
+    "early_stop",
+    "log_every",
+    "gradient_checkpointing",
+)
 NOT_COMPARED = ("output_dir", "resume", "overwrite", "model", "data", "task")  # compared through what they load
 
 
@@ -67,9 +79,16 @@ def parse_targets(text: str) -> list[str] | str:
 
 # Short names of the PEFT fields below: the CLI's flags (--rank ...) and TrainConfig's keywords before it used
 # PEFT's names. Each sets the field it names.
-ALIASES = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
-           "rslora": "use_rslora", "virtual_tokens": "num_virtual_tokens", "prompt_init": "prompt_tuning_init",
-           "prompt_init_text": "prompt_tuning_init_text"}
+ALIASES = {
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "rslora": "use_rslora",
+    "virtual_tokens": "num_virtual_tokens",
+    "prompt_init": "prompt_tuning_init",
+    "prompt_init_text": "prompt_tuning_init_text",
+}
 
 
 @dataclass
@@ -95,8 +114,9 @@ class TrainConfig:
     r: int = opt(8, help="LoRA rank")
     lora_alpha: float | None = opt(help="LoRA scaling numerator (default: 2 x r)")
     lora_dropout: float = opt(0.05)
-    target_modules: list[str] | str | None = opt(help="comma-separated module names, a regex, or all-linear "
-                                                      "(default: per architecture)")
+    target_modules: list[str] | str | None = opt(
+        help="comma-separated module names, a regex, or all-linear (default: per architecture)"
+    )
     use_rslora: bool = opt(False, help="scale by lora_alpha / sqrt(r)")
     loraplus_ratio: float | None = opt(help="LoRA+: lora_B learns at lr times this ratio (e.g. 16)")
     # PromptTuningConfig's fields
@@ -106,7 +126,9 @@ class TrainConfig:
     max_length: int = opt(256)
     seed: int = opt(0)
     resume: str | None = opt(help="a checkpoint-N directory written by save_every")
-    overwrite: bool = opt(False, help="replace a non-empty output_dir, only if smolpeft wrote it and it holds nothing else")
+    overwrite: bool = opt(
+        False, help="replace a non-empty output_dir, only if smolpeft wrote it and it holds nothing else"
+    )
     gradient_checkpointing: bool = opt(False)
     eval_every: int = opt(0, help="0: evaluate before and after only")
     save_every: int = opt(0, help="0: no intermediate checkpoints")
@@ -129,7 +151,11 @@ class TrainConfig:
     def __post_init__(self, *short) -> None:
         for alias, value in zip(ALIASES, short):
             if value is not None:
-                setattr(self, ALIASES[alias], parse_targets(value) if alias == "targets" and isinstance(value, str) else value)
+                setattr(
+                    self,
+                    ALIASES[alias],
+                    parse_targets(value) if alias == "targets" and isinstance(value, str) else value,
+                )
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; expected one of {', '.join(METHODS)}")
         if self.schedule not in ("constant", "linear", "cosine"):
@@ -138,11 +164,17 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.fsdp and self.method in ("full", "qlora"):
-            raise ValueError(f"fsdp shards a frozen base under LoRA or prompt tuning; method={self.method!r} is not supported "
-                             "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)")
-        if self.loraplus_ratio is not None and (self.loraplus_ratio <= 0 or self.method not in ("lora", "dora", "qlora")):
-            raise ValueError(f"loraplus_ratio must be positive and applies to LoRA methods; got {self.loraplus_ratio} "
-                             f"with method={self.method!r}")
+            raise ValueError(
+                f"fsdp shards a frozen base under LoRA or prompt tuning; method={self.method!r} is not supported "
+                "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)"
+            )
+        if self.loraplus_ratio is not None and (
+            self.loraplus_ratio <= 0 or self.method not in ("lora", "dora", "qlora")
+        ):
+            raise ValueError(
+                f"loraplus_ratio must be positive and applies to LoRA methods; got {self.loraplus_ratio} "
+                f"with method={self.method!r}"
+            )
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
 
@@ -183,8 +215,14 @@ def prepare(base: nn.Module, cfg: TrainConfig, task_type: TaskType, model_path: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[dict], kind: TaskType, pad_id: int, batch_size: int = 64,
-             runner: TrainingLoss | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples: list[dict],
+    kind: TaskType,
+    pad_id: int,
+    batch_size: int = 64,
+    runner: TrainingLoss | None = None,
+) -> dict[str, float]:
     """Mean loss (per token for LMs) plus accuracy for classification or perplexity for LMs.
 
     The forward enters through `runner` (the training wrapper, the FSDP root under --fsdp): LM losses come from its
@@ -217,7 +255,9 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def run_fingerprint(cfg: TrainConfig, model_path: str, base: nn.Module, model: nn.Module, train_ex: list[dict], world: int) -> dict:
+def run_fingerprint(
+    cfg: TrainConfig, model_path: str, base: nn.Module, model: nn.Module, train_ex: list[dict], world: int
+) -> dict:
     """What makes a checkpoint belong to a run: base model, data (as tokens), method and options, tensor shapes,
     batch geometry. Stored in every checkpoint's manifest and compared on resume."""
     h = hashlib.sha256()
@@ -231,7 +271,9 @@ def run_fingerprint(cfg: TrainConfig, model_path: str, base: nn.Module, model: n
     fp = {
         "base_model": model_path,
         "base_config": hashlib.sha256(json.dumps(base_config, sort_keys=True, default=str).encode()).hexdigest()[:16],
-        "data": h.hexdigest()[:16], "world_size": world, **options,
+        "data": h.hexdigest()[:16],
+        "world_size": world,
+        **options,
         "shapes": {n: list(p.shape) for n, p in _trainable(model).items()},
     }
     return json.loads(json.dumps(fp, default=str))  # as it will read back from the manifest
@@ -246,31 +288,50 @@ def check_resume(saved: dict, current: dict, directory: str, log: Callable[[str]
         if key == "shapes" and isinstance(saved.get(key), dict):
             a, b = saved[key], current[key]
             name = next((n for n in sorted(a.keys() | b.keys()) if a.get(n) != b.get(n)), "?")
-            raise ValueError(f"resume: {directory} belongs to another run: trained tensor {name!r} has shape "
-                             f"{a.get(name)} in the checkpoint, {b.get(name)} here")
-        raise ValueError(f"resume: {directory} belongs to another run: {key} was {saved.get(key)!r}, "
-                         f"now {current.get(key)!r}")
+            raise ValueError(
+                f"resume: {directory} belongs to another run: trained tensor {name!r} has shape "
+                f"{a.get(name)} in the checkpoint, {b.get(name)} here"
+            )
+        raise ValueError(
+            f"resume: {directory} belongs to another run: {key} was {saved.get(key)!r}, now {current.get(key)!r}"
+        )
     changed = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUMABLE if saved.get(k) != current.get(k)]
     if changed:
         log("resume: changed " + ", ".join(changed))
 
 
-def save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler, state: dict, directory: str, fingerprint: dict | None = None) -> None:
+def save_checkpoint(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: LRScheduler,
+    state: dict,
+    directory: str,
+    fingerprint: dict | None = None,
+) -> None:
     """Weights, optimizer, scheduler, RNG and data position, committed as one directory with the run's fingerprint."""
 
     def fill(tmp: str) -> None:
         checkpoint.save_weights(_trainable(model), tmp)
         blob = {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "state": state,
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
         }
         torch.save(blob, os.path.join(tmp, STATE_NAME))
 
     storage.commit_dir(directory, fill, "checkpoint", run=fingerprint, step=state["step"])
 
 
-def load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, sched: LRScheduler, directory: str, fingerprint: dict | None = None,
-                    log: Callable[[str], None] = print) -> dict:
+def load_checkpoint(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: LRScheduler,
+    directory: str,
+    fingerprint: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Restore a checkpoint made by this run; a directory that is incomplete or from another run is refused."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"resume: checkpoint directory not found: {directory}")
@@ -327,13 +388,21 @@ def plot_curves(metrics: list[dict], path: str, title: str) -> None:
     ax.plot(steps, [m["loss"] for m in metrics if "loss" in m], label="train loss", color="tab:blue")
     evals = [m for m in metrics if "eval_loss" in m]
     if evals:
-        ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss", color="tab:orange")
+        ax.plot(
+            [m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss", color="tab:orange"
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     if evals and "eval_accuracy" in evals[0]:
         ax2 = ax.twinx()
-        ax2.plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], "s--", color="tab:green", label="eval accuracy")
+        ax2.plot(
+            [m["step"] for m in evals],
+            [m["eval_accuracy"] for m in evals],
+            "s--",
+            color="tab:green",
+            label="eval accuracy",
+        )
         ax2.set_ylabel("accuracy")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")
@@ -420,15 +489,20 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     if cfg.model is None and ds.kind != TaskType.SEQ_CLS:
         raise ValueError("model is needed for chat/text data: the bundled model is an encoder (classification only)")
     model_path = cfg.model or bundled_model()
-    out_dir = cfg.output_dir or os.path.join("runs", f"{ds.name if ds.name in ('sentiment', 'topic', 'intent', 'chat') else 'data'}-{cfg.method}")
+    out_dir = cfg.output_dir or os.path.join(
+        "runs", f"{ds.name if ds.name in ('sentiment', 'topic', 'intent', 'chat') else 'data'}-{cfg.method}"
+    )
     # Before any heavy work: never write over another run, the base model, the data or the working directory. A run
     # resuming from one of its own checkpoints continues in its directory.
     storage.clean_stale(os.path.dirname(os.path.abspath(out_dir)))
     own_resume = bool(cfg.resume) and storage.inside(os.path.realpath(cfg.resume), os.path.realpath(out_dir))
-    storage.check_output_dir(out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data},
-                             allow_nonempty=own_resume)
+    storage.check_output_dir(
+        out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data}, allow_nonempty=own_resume
+    )
     labels = ds.labels if ds.kind == TaskType.SEQ_CLS else None
-    base, tok, _, _ = load(model_path, task_type=ds.kind, labels=labels, quantize="nf4" if cfg.method == "qlora" else None)
+    base, tok, _, _ = load(
+        model_path, task_type=ds.kind, labels=labels, quantize="nf4" if cfg.method == "qlora" else None
+    )
     model = prepare(base, cfg, ds.kind, model_path)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     if cfg.method != "qlora" and not cfg.fsdp:
@@ -448,20 +522,32 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     steps_per_epoch = math.ceil(math.ceil(len(train_ex) / micro_global) / cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     params = list(_trainable(model).values())
-    n_train, n_all = (model.get_nb_trainable_parameters() if isinstance(model, PeftModel)
-                      else (sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())))
+    n_train, n_all = (
+        model.get_nb_trainable_parameters()
+        if isinstance(model, PeftModel)
+        else (sum(p.numel() for p in params), sum(p.numel() for p in model.parameters()))
+    )
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
     if cfg.loraplus_ratio is not None:
-        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=cfg.loraplus_ratio,
-                                        loraplus_weight_decay=cfg.weight_decay)
+        opt = create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=lr,
+            loraplus_lr_ratio=cfg.loraplus_ratio,
+            loraplus_weight_decay=cfg.weight_decay,
+        )
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     warmup_steps = max(1, int(cfg.warmup * total)) if cfg.warmup > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup_steps, cfg.schedule))
-    log(f"model {model_path} | method {cfg.method} | trainable {n_train:,} of {n_all:,} params "
-        f"({100 * n_train / n_all:.3f}%) | {len(train_ex)} train / {len(eval_ex)} eval examples")
-    log(f"{total} steps, global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per rank x "
-        f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}")
+    log(
+        f"model {model_path} | method {cfg.method} | trainable {n_train:,} of {n_all:,} params "
+        f"({100 * n_train / n_all:.3f}%) | {len(train_ex)} train / {len(eval_ex)} eval examples"
+    )
+    log(
+        f"{total} steps, global batch {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per rank x "
+        f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}"
+    )
     runner = TrainingLoss(model)
     evaluator, fsdp_local = runner, None
     if world > 1 and cfg.fsdp:
@@ -502,8 +588,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     # --- train -------------------------------------------------------------------------------------------------
     model.train()
     t_train, tokens_at_start, window_tokens, window_t = time.time(), state["tokens"], 0, time.time()
-    bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=not main_proc)
+    bar = tqdm(
+        total=total,
+        initial=state["step"],
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not main_proc,
+    )
     stop = False
     while state["step"] < total and not stop:
         order = batch_order(lengths, micro_global, cfg.seed, state["epoch"])
@@ -542,7 +635,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tps:,.0f}")
             record = None
             if step % cfg.log_every == 0 or step == total:
-                record = {"step": step, "epoch": state["epoch"], "loss": loss_value, "lr": sched.get_last_lr()[0], "tokens_per_s": tps}
+                record = {
+                    "step": step,
+                    "epoch": state["epoch"],
+                    "loss": loss_value,
+                    "lr": sched.get_last_lr()[0],
+                    "tokens_per_s": tps,
+                }
                 window_tokens, window_t = 0, time.time()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
                 ev = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
@@ -577,21 +676,36 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     tokens = state["tokens"] - tokens_at_start
     summary = {
         "config": dataclasses.asdict(cfg) | {"lr": lr, "output_dir": out_dir, "model": model_path},
-        "task": ds.name, "kind": ds.kind, "steps": state["step"], "world_size": world,
-        "global_batch": cfg.batch_size * world * cfg.grad_accum, "wall_time_s": time.time() - t_start,
-        "train_time_s": train_time, "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-        "peak_rss_mb": peak_rss_mb(), "model_footprint_mb": base.get_memory_footprint() / 2**20,
+        "task": ds.name,
+        "kind": ds.kind,
+        "steps": state["step"],
+        "world_size": world,
+        "global_batch": cfg.batch_size * world * cfg.grad_accum,
+        "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(train_time, 1e-9),
+        "peak_rss_mb": peak_rss_mb(),
+        "model_footprint_mb": base.get_memory_footprint() / 2**20,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None,
-        "trainable_params": n_train, "total_params": n_all, "trainable_pct": 100 * n_train / n_all,
-        "fsdp_local_base_elements": fsdp_local, "truncated": {"train": n_trunc, "eval": n_trunc_eval}, "before": state.get("before"), "after": after,
+        "trainable_params": n_train,
+        "total_params": n_all,
+        "trainable_pct": 100 * n_train / n_all,
+        "fsdp_local_base_elements": fsdp_local,
+        "truncated": {"train": n_trunc, "eval": n_trunc_eval},
+        "before": state.get("before"),
+        "after": after,
     }
     if main_proc:
+
         def fill(tmp: str) -> None:  # the whole run directory, committed at once: adapter, config, labels, metrics
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             if ds.kind == TaskType.SEQ_CLS:
                 storage.write_labels(tmp, ds.labels)
-            storage.atomic_write(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics).encode())
+            storage.atomic_write(
+                os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics).encode()
+            )
             plot_curves(metrics, os.path.join(tmp, "training_curve.png"), f"{cfg.method} on {ds.name}")
             storage.atomic_write(os.path.join(tmp, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
 

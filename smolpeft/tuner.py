@@ -122,7 +122,9 @@ class LoraModel(nn.Module):
 
     def _check_known(self, name: str) -> None:
         if name not in self.peft_config:
-            raise ValueError(f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}")
+            raise ValueError(
+                f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}"
+            )
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""
@@ -209,8 +211,11 @@ class LoraModel(nn.Module):
         dora = [a for a, c in zip(adapters, configs) if c.use_dora]
         if dora:  # a magnitude is tied to its own direction; a combination has no meaningful one
             raise ValueError(f"add_weighted_adapter cannot combine DoRA adapters {dora}; merge them one by one instead")
-        shared = [p for p, m in self.model.named_modules()
-                  if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1]
+        shared = [
+            p
+            for p, m in self.model.named_modules()
+            if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1
+        ]
         if shared:
             raise ValueError(
                 f"Cannot add weighted adapters if they target the same module with modules_to_save: {shared} "
@@ -221,7 +226,9 @@ class LoraModel(nn.Module):
             raise ValueError("combination_type='linear' needs equal ranks everywhere; adapters have rank_pattern")
         if combination_type == "linear":
             if len(set(ranks)) > 1:
-                raise ValueError(f"combination_type='linear' needs adapters of equal r, found {ranks}; use 'cat' or 'svd'")
+                raise ValueError(
+                    f"combination_type='linear' needs adapters of equal r, found {ranks}; use 'cat' or 'svd'"
+                )
             new_r = ranks[0]
         elif combination_type == "cat":
             new_r = sum(max([c.r, *c.rank_pattern.values()]) for c in configs)
@@ -235,14 +242,23 @@ class LoraModel(nn.Module):
         else:
             new_targets = sorted(set().union(*targets))
         cfg = dataclasses.replace(
-            configs[0], r=new_r, lora_alpha=new_r, target_modules=new_targets, rank_pattern={}, alpha_pattern={},
-            init_lora_weights=True, inference_mode=False, use_rslora=False,
+            configs[0],
+            r=new_r,
+            lora_alpha=new_r,
+            target_modules=new_targets,
+            rank_pattern={},
+            alpha_pattern={},
+            init_lora_weights=True,
+            inference_mode=False,
+            use_rslora=False,
         )
         self.add_adapter(adapter_name, cfg)
         with torch.no_grad():
             for _, m in lora.lora_layers(self.model):
                 if adapter_name in m.r:
-                    A, B = _combine(m, adapters, weights, combination_type, new_r, svd_clamp, svd_full_matrices, svd_driver)
+                    A, B = _combine(
+                        m, adapters, weights, combination_type, new_r, svd_clamp, svd_full_matrices, svd_driver
+                    )
                     newA, newB = m.factors(adapter_name)
                     newA.data, newB.data = A.to(newA.dtype).contiguous(), B.to(newB.dtype).contiguous()
             for _, m in self.model.named_modules():  # a head trained by one of the adapters comes along
@@ -256,8 +272,11 @@ def trained_biases(model: nn.Module, bias: str) -> list[nn.Parameter]:
     """The base biases an adapter with this `bias` setting trains: "all" every `*.bias` of the model (but the frozen
     originals of modules_to_save, as in PEFT), "lora_only" those of the LoRA-wrapped layers, "none" none."""
     if bias == "all":
-        return [p for n, p in model.named_parameters()
-                if (n == "bias" or n.endswith(".bias")) and ".original_module." not in f".{n}"]
+        return [
+            p
+            for n, p in model.named_parameters()
+            if (n == "bias" or n.endswith(".bias")) and ".original_module." not in f".{n}"
+        ]
     if bias == "lora_only":
         return [m.bias for _, m in lora.lora_layers(model) if m.bias is not None]
     return []
@@ -278,7 +297,9 @@ def inject_adapter_in_model(
     return LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage).model
 
 
-def _combine(m: LoraLayer, adapters, weights, kind, new_r, clamp, full_matrices, driver) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(
+    m: LoraLayer, adapters, weights, kind, new_r, clamp, full_matrices, driver
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (new_r×in) and B (out×new_r) of one layer for add_weighted_adapter; PEFT's formulas, for equal numbers."""
     present = [(a, w) for a, w in zip(adapters, weights) if a in m.r]
     A0, B0 = m.factors(present[0][0])

@@ -14,7 +14,10 @@ def lm(tmp_path_factory):
     sums = [(a, b) for a in range(8) for b in range(8)]
     with open(d / "chat.jsonl", "w") as f:
         for a, b in sums[:48]:
-            msgs = [{"role": "user", "content": f"what is {a} plus {b} ?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."}]
+            msgs = [
+                {"role": "user", "content": f"what is {a} plus {b} ?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."},
+            ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     with open(d / "pc.jsonl", "w") as f:
         for a, b in sums:

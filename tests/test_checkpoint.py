@@ -130,7 +130,11 @@ def test_atomic_write_keeps_the_old_file_on_failure(adapter, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(adapter)
     assert f.read_bytes() == old
-    assert sorted(os.listdir(adapter)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    assert sorted(os.listdir(adapter)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]  # no temp files
 
 
 def test_bin_weights_load_without_pickle(adapter, tmp_path):

@@ -17,11 +17,28 @@ def cls_run(tmp_path_factory):
     """A tiny BERT (the bundled tokenizer) trained for two steps on the built-in sentiment task."""
     d = tmp_path_factory.mktemp("cls")
     transformers.AutoTokenizer.from_pretrained(bundled_model()).save_pretrained(d / "bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=4)
+    cfg = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
     transformers.BertForSequenceClassification(cfg).save_pretrained(d / "bert")
-    assert main(["train", "--model", str(d / "bert"), "--task", "sentiment", "--output-dir", str(d / "run"),
-                 "--max-steps", "2", "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(d / "bert"),
+                "--task",
+                "sentiment",
+                "--output-dir",
+                str(d / "run"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -50,9 +67,17 @@ def test_merge_refuses_to_destroy_directories(cls_run, tmp_path, monkeypatch, ca
     adapter_files = sorted(os.listdir(run))
     merge = ["merge", "--adapter", str(run), "--output-dir"]
     for out, extra, msg in [
-        ("mine", [], "output directory mine is not empty (1 entry, e.g. 'notes.txt'); choose a new directory, "
-                     "or overwrite it if it is a smolpeft output (--overwrite)"),
-        ("mine", ["--overwrite"], "output directory mine is not a smolpeft output (no smolpeft.json); not replacing it"),
+        (
+            "mine",
+            [],
+            "output directory mine is not empty (1 entry, e.g. 'notes.txt'); choose a new directory, "
+            "or overwrite it if it is a smolpeft output (--overwrite)",
+        ),
+        (
+            "mine",
+            ["--overwrite"],
+            "output directory mine is not a smolpeft output (no smolpeft.json); not replacing it",
+        ),
         (str(run), ["--overwrite"], f"output directory {run} is the adapter"),
         (str(base), ["--overwrite"], f"output directory {base} is the base model"),
         (str(cls_run), ["--overwrite"], f"output directory {cls_run} holds the adapter"),
@@ -73,8 +98,19 @@ def test_merge_refuses_to_destroy_directories(cls_run, tmp_path, monkeypatch, ca
 
 
 def test_train_refuses_a_used_output_dir_in_one_line(cls_run, capsys):
-    rc = main(["train", "--model", str(cls_run / "bert"), "--task", "sentiment", "--output-dir", str(cls_run / "run"),
-               "--max-steps", "1"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(cls_run / "bert"),
+            "--task",
+            "sentiment",
+            "--output-dir",
+            str(cls_run / "run"),
+            "--max-steps",
+            "1",
+        ]
+    )
     assert rc == 1
     assert _one_line_error(capsys).endswith("or overwrite it if it is a smolpeft output (--overwrite)")
 

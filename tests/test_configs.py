@@ -1,4 +1,5 @@
-"""Run configuration: the bundled YAML recipes, their keys (PEFT's field names) and the flags derived from TrainConfig."""
+"""Run configuration: the bundled YAML recipes, their keys (PEFT's field names) and the flags derived from
+TrainConfig."""
 
 import dataclasses
 import pathlib
@@ -43,20 +44,31 @@ def test_adapter_fields_are_peft_fields_passed_through():
     lora = cfg.peft_config(TaskType.CAUSAL_LM, "base")
     assert isinstance(lora, LoraConfig)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules, lora.use_rslora) == (
-        4, 3, 0.2, ["q_proj", "v_proj"], True)
+        4,
+        3,
+        0.2,
+        ["q_proj", "v_proj"],
+        True,
+    )
     assert (lora.task_type, lora.base_model_name_or_path) == ("CAUSAL_LM", "base")
     assert _cfg("--r 4").peft_config(TaskType.SEQ_CLS, "b").lora_alpha == 8  # default: 2 x r
     assert _cfg("--target-modules q_proj|v_proj").target_modules == "q_proj|v_proj"  # a regex stays a string
     prompt = _cfg("--method prompt --num-virtual-tokens 5 --prompt-init TEXT --prompt-init-text hi").peft_config(
-        TaskType.SEQ_CLS, "base")
+        TaskType.SEQ_CLS, "base"
+    )
     assert isinstance(prompt, PromptTuningConfig)
-    assert (prompt.num_virtual_tokens, prompt.prompt_tuning_init, prompt.prompt_tuning_init_text,
-            prompt.tokenizer_name_or_path) == (5, "TEXT", "hi", "base")
+    assert (
+        prompt.num_virtual_tokens,
+        prompt.prompt_tuning_init,
+        prompt.prompt_tuning_init_text,
+        prompt.tokenizer_name_or_path,
+    ) == (5, "TEXT", "hi", "base")
 
 
 def test_short_names_are_keywords_too():
     assert TrainConfig(rank=4, alpha=2.0, targets="a,b", virtual_tokens=3) == TrainConfig(
-        r=4, lora_alpha=2.0, target_modules=["a", "b"], num_virtual_tokens=3)
+        r=4, lora_alpha=2.0, target_modules=["a", "b"], num_virtual_tokens=3
+    )
     assert dataclasses.replace(TrainConfig(r=4), r=16).r == 16
 
 

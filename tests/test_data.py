@@ -63,9 +63,11 @@ class _Recording:
 def test_huge_row_is_cut_before_tokenizing(lm):
     tok = _Recording(transformers.AutoTokenizer.from_pretrained(lm / "base"))
     huge = "the quick brown fox " * 500_000  # 10 MB
-    for ds in (Dataset([{"text": huge, "label": "a"}], [], TaskType.SEQ_CLS, ["a"], "x.jsonl"),
-               Dataset([{"prompt": huge, "completion": "done"}], [], TaskType.CAUSAL_LM, name="x.jsonl"),
-               Dataset([{"text": huge}], [], TaskType.CAUSAL_LM, name="x.jsonl")):
+    for ds in (
+        Dataset([{"text": huge, "label": "a"}], [], TaskType.SEQ_CLS, ["a"], "x.jsonl"),
+        Dataset([{"prompt": huge, "completion": "done"}], [], TaskType.CAUSAL_LM, name="x.jsonl"),
+        Dataset([{"text": huge}], [], TaskType.CAUSAL_LM, name="x.jsonl"),
+    ):
         tok.longest = 0
         examples, truncated = encode(ds, "train", tok, 32)
         assert truncated == 1 and len(examples[0]["input_ids"]) == 32
@@ -73,7 +75,10 @@ def test_huge_row_is_cut_before_tokenizing(lm):
     # the cut keeps the tokens a whole-text tokenization keeps
     small = "the quick brown fox " * 400
     whole = tok.tok(small)["input_ids"][:32]
-    assert encode(Dataset([{"text": small}], [], TaskType.CAUSAL_LM, name="x"), "train", tok, 32)[0][0]["input_ids"] == whole
+    assert (
+        encode(Dataset([{"text": small}], [], TaskType.CAUSAL_LM, name="x"), "train", tok, 32)[0][0]["input_ids"]
+        == whole
+    )
 
 
 def test_library_errors_do_not_name_cli_flags(tmp_path):

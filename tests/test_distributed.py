@@ -25,8 +25,18 @@ def _run(cfg: dict, nproc: int, crash: str | None = None, timeout: int = 240) ->
 
 
 def _cfg(lm, out, per_rank_batch, **kw):
-    return dict(model=str(lm / "base"), data=str(lm / "pc.jsonl"), output_dir=str(out), max_steps=6,
-                batch_size=per_rank_batch, grad_accum=2, lr=1e-2, dropout=0.0, log_every=1, **kw)
+    return dict(
+        model=str(lm / "base"),
+        data=str(lm / "pc.jsonl"),
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=per_rank_batch,
+        grad_accum=2,
+        lr=1e-2,
+        dropout=0.0,
+        log_every=1,
+        **kw,
+    )
 
 
 def _losses(run_dir):
@@ -46,7 +56,9 @@ def test_two_processes_match_one(lm, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 8
-    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(lm / "base"), tmp_path / "two")
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(lm / "base"), tmp_path / "two"
+    )
     assert model is not None
 
 

@@ -12,8 +12,14 @@ import transformers
 import smolpeft
 
 CASES = {
-    "llama-linear-embedding": (tiny.llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])),
-    "gpt2-conv1d": (lambda: _nodrop(tiny.gpt2()), dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+    "llama-linear-embedding": (
+        tiny.llama,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    ),
+    "gpt2-conv1d": (
+        lambda: _nodrop(tiny.gpt2()),
+        dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
 }
 
 
@@ -64,7 +70,9 @@ def test_dora_matches_peft(case, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
     ours, theirs = _pair(make, kw)
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    ]
     x = tiny.ids()
     torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), atol=1e-5, rtol=0)
     ours.train(), theirs.train()
@@ -87,12 +95,16 @@ def test_dora_matches_peft(case, tmp_path):
     back = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
     torch.testing.assert_close(_logits(back, x), ref, atol=1e-5, rtol=0)
     back.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (tmp_path / "ours/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ours/adapter_model.safetensors"
+    ).read_bytes()
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs")
     torch.testing.assert_close(_logits(loaded, x), ref, atol=1e-5, rtol=0)
     loaded.save_pretrained(tmp_path / "ours-resaved")
-    assert (tmp_path / "ours-resaved/adapter_model.safetensors").read_bytes() == (tmp_path / "theirs/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "ours-resaved/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "theirs/adapter_model.safetensors"
+    ).read_bytes()
 
     # merge / unmerge / merge_and_unload
     base = _logits(make(), x)
@@ -156,17 +168,21 @@ def test_mixed_batch_with_dora_lora_and_base_rows(grad, tmp_path):
     for i, name in enumerate(names):
         if name == smolpeft.lora.BASE:
             with model.disable_adapter():
-                alone = _logits(model, x[i:i + 1])
+                alone = _logits(model, x[i : i + 1])
         else:
             model.set_adapter(name)
-            alone = _logits(model, x[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1].detach(), alone, atol=1e-5, rtol=0, msg=name)
+            alone = _logits(model, x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1].detach(), alone, atol=1e-5, rtol=0, msg=name)
 
 
 def test_norm_without_the_full_product_equals_the_direct_norm():
     """||W + s·B A|| from ||W||², W Aᵀ and A Aᵀ equals the norm of the formed matrix, per layer type."""
-    model = smolpeft.get_peft_model(tiny.gpt2(), smolpeft.LoraConfig(r=4, target_modules=["c_attn", "wte"], use_dora=True, init_lora_weights=False))
-    model.add_adapter("lin", smolpeft.LoraConfig(r=3, target_modules=["lm_head"], use_dora=True, init_lora_weights=False))
+    model = smolpeft.get_peft_model(
+        tiny.gpt2(), smolpeft.LoraConfig(r=4, target_modules=["c_attn", "wte"], use_dora=True, init_lora_weights=False)
+    )
+    model.add_adapter(
+        "lin", smolpeft.LoraConfig(r=3, target_modules=["lm_head"], use_dora=True, init_lora_weights=False)
+    )
     layers = [m for m in model.modules() if isinstance(m, smolpeft.lora.LoraLayer)]
     assert {type(m.base_layer).__name__ for m in layers} == {"Conv1D", "Embedding", "Linear"}
     for m in layers:
@@ -189,8 +205,16 @@ def base_dir(tmp_path_factory):
     """A Llama-shaped model wide enough for bitsandbytes' CPU blocks (64)."""
     d = tmp_path_factory.mktemp("q")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
 

@@ -32,12 +32,16 @@ def env(tmp_path_factory):
     base = str(d / "base")
     tok = tiny.tokenizer(base)
     tiny.llama(vocab=300).save_pretrained(base)
-    paths = {"a": _adapter(base, d / "a", 1, r=4, target_modules=["q_proj", "v_proj"]),
-             "nan": _adapter(base, d / "nan", 2, r=4, target_modules=["q_proj", "v_proj"]),
-             "drop": _adapter(base, d / "drop", 3, r=4, lora_dropout=0.5, target_modules="all-linear")}
+    paths = {
+        "a": _adapter(base, d / "a", 1, r=4, target_modules=["q_proj", "v_proj"]),
+        "nan": _adapter(base, d / "nan", 2, r=4, target_modules=["q_proj", "v_proj"]),
+        "drop": _adapter(base, d / "drop", 3, r=4, lora_dropout=0.5, target_modules="all-linear"),
+    }
     weights = load_file(f"{paths['nan']}/adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in weights.items()},
-              f"{paths['nan']}/adapter_model.safetensors")
+    save_file(
+        {k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in weights.items()},
+        f"{paths['nan']}/adapter_model.safetensors",
+    )
     ref = smolpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), paths["a"], "a")
     ref.load_adapter(paths["drop"], "drop")
     return dict(dir=d, base=base, tok=tok, paths=paths, ref=ref.eval())
@@ -45,9 +49,15 @@ def env(tmp_path_factory):
 
 def offline(env, ids: list[int], adapter: str, n: int) -> list[int]:
     with torch.no_grad():
-        out = env["ref"].generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  adapter_names=[adapter], max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = env["ref"].generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            adapter_names=[adapter],
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def _engine(env, *adapters: str, **kw) -> Engine:
@@ -67,9 +77,11 @@ def _run_together(engine: Engine, reqs: list[Request]) -> None:
 
 
 def test_importing_the_engine_imports_no_web_framework():
-    code = ("import sys, smolpeft.engine; "
-            "web = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette')); "
-            "assert not web, web")
+    code = (
+        "import sys, smolpeft.engine; "
+        "web = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette')); "
+        "assert not web, web"
+    )
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
@@ -89,7 +101,10 @@ def test_a_tiny_temperature_is_greedy_and_fails_no_one(env):
 def test_an_adapter_with_nan_weights_fails_only_its_own_requests(env):
     engine = _engine(env, "a", "nan")
     ids = env["tok"](PROMPT)["input_ids"]
-    broken = [Request(ids, "nan", SamplingParams(8, temperature=0.8, seed=3)), Request(ids, "nan", SamplingParams(8, 0))]
+    broken = [
+        Request(ids, "nan", SamplingParams(8, temperature=0.8, seed=3)),
+        Request(ids, "nan", SamplingParams(8, 0)),
+    ]
     healthy = [Request(ids, name, SamplingParams(8, temperature=0)) for name in ("a", BASE)]
     _run_together(engine, [healthy[0], *broken, healthy[1]])
     for req in broken:
@@ -119,23 +134,26 @@ def test_an_exception_while_finishing_one_request_ends_only_that_request(env, mo
         assert req.finish_reason in ("stop", "length") and req.out_ids == offline(env, ids, "a", 6)
 
 
-@pytest.mark.parametrize("case,reason,param", [
-    (dict(adapter="nope"), Reason.NOT_FOUND, "model"),
-    (dict(ids=[]), Reason.BAD_REQUEST, "prompt"),
-    (dict(ids=[300]), Reason.BAD_REQUEST, "prompt"),
-    (dict(ids=[5] * 3000), Reason.CONTEXT_LENGTH, "prompt"),
-    (dict(max_tokens=5000), Reason.CONTEXT_LENGTH, "max_tokens"),
-    (dict(max_tokens=0), Reason.BAD_REQUEST, "max_tokens"),
-    (dict(seed=2**64), Reason.BAD_REQUEST, "seed"),
-    (dict(seed=-(2**63) - 1), Reason.BAD_REQUEST, "seed"),
-    (dict(temperature=float("nan")), Reason.BAD_REQUEST, "temperature"),
-    (dict(temperature=3.0), Reason.BAD_REQUEST, "temperature"),
-    (dict(top_p=0.0), Reason.BAD_REQUEST, "top_p"),
-    (dict(stop=["\ud800"]), Reason.BAD_REQUEST, "stop"),
-    (dict(stop=[None]), Reason.BAD_REQUEST, "stop"),
-    (dict(stop=["", "x"]), Reason.BAD_REQUEST, "stop"),
-    (dict(stop=list("abcde")), Reason.BAD_REQUEST, "stop"),
-])
+@pytest.mark.parametrize(
+    "case,reason,param",
+    [
+        (dict(adapter="nope"), Reason.NOT_FOUND, "model"),
+        (dict(ids=[]), Reason.BAD_REQUEST, "prompt"),
+        (dict(ids=[300]), Reason.BAD_REQUEST, "prompt"),
+        (dict(ids=[5] * 3000), Reason.CONTEXT_LENGTH, "prompt"),
+        (dict(max_tokens=5000), Reason.CONTEXT_LENGTH, "max_tokens"),
+        (dict(max_tokens=0), Reason.BAD_REQUEST, "max_tokens"),
+        (dict(seed=2**64), Reason.BAD_REQUEST, "seed"),
+        (dict(seed=-(2**63) - 1), Reason.BAD_REQUEST, "seed"),
+        (dict(temperature=float("nan")), Reason.BAD_REQUEST, "temperature"),
+        (dict(temperature=3.0), Reason.BAD_REQUEST, "temperature"),
+        (dict(top_p=0.0), Reason.BAD_REQUEST, "top_p"),
+        (dict(stop=["\ud800"]), Reason.BAD_REQUEST, "stop"),
+        (dict(stop=[None]), Reason.BAD_REQUEST, "stop"),
+        (dict(stop=["", "x"]), Reason.BAD_REQUEST, "stop"),
+        (dict(stop=list("abcde")), Reason.BAD_REQUEST, "stop"),
+    ],
+)
 def test_submit_refuses_bad_requests_with_a_reason(env, case, reason, param):
     engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m", max_prompt_tokens=2000)
     params = {k: case[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed") if k in case}
@@ -164,8 +182,10 @@ def test_the_waiting_queue_is_bounded(env):
 
 def test_encoding_refuses_lone_surrogates(env):
     engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m")
-    for call in (lambda: engine.encode("hi \ud800" + "x" * 1000),
-                 lambda: engine.encode_chat([{"role": "user", "content": "\udfff"}])):
+    for call in (
+        lambda: engine.encode("hi \ud800" + "x" * 1000),
+        lambda: engine.encode_chat([{"role": "user", "content": "\udfff"}]),
+    ):
         with pytest.raises(EngineError) as e:
             call()
         assert e.value.reason == Reason.BAD_REQUEST and len(e.value.message) < 300
@@ -176,8 +196,10 @@ def test_a_text_too_long_for_the_token_limit_is_refused_without_tokenizing(env, 
     engine = Engine(AutoModelForCausalLM.from_pretrained(env["base"]), env["tok"], "m", max_prompt_tokens=100)
     longest = max(map(len, env["tok"].get_vocab()))
     monkeypatch.setattr(engine, "tokenizer", None)  # tokenizing would raise
-    for call in (lambda: engine.encode("x" * (100 * longest + 1)),
-                 lambda: engine.encode_chat([{"role": "user", "content": "x" * (100 * longest)}])):
+    for call in (
+        lambda: engine.encode("x" * (100 * longest + 1)),
+        lambda: engine.encode_chat([{"role": "user", "content": "x" * (100 * longest)}]),
+    ):
         with pytest.raises(EngineError) as e:
             call()
         assert e.value.reason == Reason.CONTEXT_LENGTH
@@ -196,9 +218,14 @@ def test_adapter_files_are_checked_before_loading(env, tmp_path):
             (d / weights).write_bytes(open(f"{good}/adapter_model.safetensors", "rb").read())
         return str(d)
 
-    cases = {"alpha": variant("alpha", {"lora_alpha": "abc"}), "rank": variant("rank", {"r": -1}),
-             "kind": variant("kind", {"peft_type": "IA3"}), "bin": variant("bin", weights="adapter_model.bin"),
-             "none": variant("none", weights=None), "dir": str(tmp_path / "missing")}
+    cases = {
+        "alpha": variant("alpha", {"lora_alpha": "abc"}),
+        "rank": variant("rank", {"r": -1}),
+        "kind": variant("kind", {"peft_type": "IA3"}),
+        "bin": variant("bin", weights="adapter_model.bin"),
+        "none": variant("none", weights=None),
+        "dir": str(tmp_path / "missing"),
+    }
     for name, path in cases.items():
         with pytest.raises(EngineError) as e:
             engine.load_adapter(name, path)

@@ -58,8 +58,13 @@ def test_principal_adapter_never_rewrites_the_shared_base(tmp_path, init):
 
     model = smolpeft.PeftModel.from_pretrained(tiny.llama(), plain, adapter_name="plain")
     before = _logits(model)
+
     def base_state():  # keys as if unwrapped: a layer that gains an adapter keeps its weight under base_layer
-        return {k.replace(".base_layer", ""): v.clone() for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+        return {
+            k.replace(".base_layer", ""): v.clone()
+            for k, v in model.get_base_model().state_dict().items()
+            if "lora_" not in k
+        }
 
     base_weights = base_state()
     model.load_adapter(pissa, adapter_name="p")
@@ -80,7 +85,9 @@ def test_principal_adapter_never_rewrites_the_shared_base(tmp_path, init):
 
 def test_principal_adapter_saved_as_plain_lora(tmp_path):
     torch.manual_seed(0)
-    model = smolpeft.get_peft_model(tiny.llama(), smolpeft.LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj"]))
+    model = smolpeft.get_peft_model(
+        tiny.llama(), smolpeft.LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj"])
+    )
     model.save_pretrained(tmp_path / "init")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -93,7 +100,8 @@ def test_principal_adapter_saved_as_plain_lora(tmp_path):
     torch.testing.assert_close(_logits(ref), _logits(model), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="converts PiSSA/OLoRA adapters"):
         smolpeft.get_peft_model(tiny.llama(), smolpeft.LoraConfig(r=2)).save_pretrained(
-            tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init")
+            tmp_path / "x", path_initial_model_for_weight_conversion=tmp_path / "init"
+        )
 
 
 def test_rank_bomb_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
@@ -102,11 +110,16 @@ def test_rank_bomb_is_refused_before_anything_is_allocated(tmp_path, monkeypatch
     model = smolpeft.PeftModel.from_pretrained(tiny.llama(), a, adapter_name="a")
     monkeypatch.setattr(LoraLayer, "add", lambda *a, **k: pytest.fail("allocated an adapter before checking"))
     (a / "adapter_config.json").write_text(json.dumps(cfg | {"r": 500000}))
-    with pytest.raises(ValueError, match=r"key 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' "
-                                         r"has shape \(4, 32\), the model expects \(500000, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"key 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight' "
+        r"has shape \(4, 32\), the model expects \(500000, 32\)",
+    ):
         model.load_adapter(a, adapter_name="bomb")
     # a config promising layers the file does not hold
-    (a / "adapter_config.json").write_text(json.dumps(cfg | {"rank_pattern": {"v_proj": 500000}, "target_modules": ["q_proj", "v_proj"]}))
+    (a / "adapter_config.json").write_text(
+        json.dumps(cfg | {"rank_pattern": {"v_proj": 500000}, "target_modules": ["q_proj", "v_proj"]})
+    )
     with pytest.raises(ValueError, match="the config describes .* adapter weights but the file holds"):
         model.load_adapter(a, adapter_name="bomb")
     assert list(model.peft_config) == ["a"]

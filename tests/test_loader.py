@@ -17,11 +17,19 @@ def cls_adapter(tmp_path_factory):
     d = tmp_path_factory.mktemp("loader")
     tiny.tokenizer(d / "base")
     tiny.bert_cls(vocab=300, num_labels=2).save_pretrained(d / "base")
-    base = transformers.BertForSequenceClassification.from_pretrained(d / "base", num_labels=3,
-                                                                      ignore_mismatched_sizes=True)
-    model = smolpeft.get_peft_model(base, smolpeft.LoraConfig(
-        r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False,
-        base_model_name_or_path=str(d / "base")))
+    base = transformers.BertForSequenceClassification.from_pretrained(
+        d / "base", num_labels=3, ignore_mismatched_sizes=True
+    )
+    model = smolpeft.get_peft_model(
+        base,
+        smolpeft.LoraConfig(
+            r=4,
+            target_modules=["query", "value"],
+            task_type="SEQ_CLS",
+            init_lora_weights=False,
+            base_model_name_or_path=str(d / "base"),
+        ),
+    )
     model.save_pretrained(d / "adapter")
     storage.write_labels(d / "adapter", ["neg", "neu", "pos"])
     return d, model.eval()

@@ -78,21 +78,32 @@ def test_principal_inits_keep_the_function(init):
 
 def test_target_resolution_rules():
     m = tiny.llama()
-    assert resolve_targets(m, LoraConfig(target_modules=["q_proj"])) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert resolve_targets(m, LoraConfig(target_modules=["q_proj"])) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     assert resolve_targets(m, LoraConfig(target_modules=r".*\.1\.mlp\.(up|down)_proj")) == [
-        "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     assert resolve_targets(m, LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=1)) == [
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
     assert len(resolve_targets(m, LoraConfig(target_modules=None))) == 4  # llama default: q_proj, v_proj
     linear = resolve_targets(m, LoraConfig(target_modules="all-linear"))
     assert "lm_head" not in linear and len(linear) == 14
     assert resolve_targets(m, LoraConfig(target_modules="all-linear", exclude_modules=["mlp.up_proj", "k_proj"])) == [
-        n for n in linear if not n.endswith(("up_proj", "k_proj"))]
+        n for n in linear if not n.endswith(("up_proj", "k_proj"))
+    ]
     assert resolve_targets(tiny.gpt2(), LoraConfig()) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
 
 
 def test_rank_and_alpha_patterns():
-    pm = get_peft_model(tiny.llama(), LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}))
+    pm = get_peft_model(
+        tiny.llama(),
+        LoraConfig(r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}),
+    )
     attn0, attn1 = pm.base_model.model.model.layers[0].self_attn, pm.base_model.model.model.layers[1].self_attn
     assert attn0.v_proj.r["default"] == 2 and attn0.q_proj.r["default"] == 4
     assert attn1.q_proj.scaling["default"] == 0.5 and attn0.q_proj.scaling["default"] == 2

@@ -62,7 +62,9 @@ def test_lora_bias_matches_peft(init, tmp_path):
     back = peft.PeftModel.from_pretrained(_nodrop(tiny.gpt2()), tmp_path / "ours")
     torch.testing.assert_close(_logits(back, x), ref, atol=1e-5, rtol=0)
     back.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (tmp_path / "ours/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ours/adapter_model.safetensors"
+    ).read_bytes()
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = smolpeft.PeftModel.from_pretrained(_nodrop(tiny.gpt2()), tmp_path / "theirs")
     torch.testing.assert_close(_logits(loaded, x), ref, atol=1e-5, rtol=0)
@@ -72,7 +74,9 @@ def test_lora_bias_matches_peft(init, tmp_path):
     ours.merge_adapter()
     torch.testing.assert_close(_logits(ours, x), ref, atol=1e-5, rtol=0)
     ours.unmerge_adapter()
-    torch.testing.assert_close(ours.base_model.model.transformer.h[0].attn.c_attn.base_layer.bias, bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        ours.base_model.model.transformer.h[0].attn.c_attn.base_layer.bias, bias, atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(_logits(ours.merge_and_unload(), x), ref, atol=1e-5, rtol=0)
 
 
@@ -110,6 +114,8 @@ def test_trained_base_biases_match_peft(case, tmp_path):
     ref = _logits(ours, x)
     torch.testing.assert_close(_logits(theirs, x), ref, atol=1e-5, rtol=0)  # the biases came along
     theirs.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (tmp_path / "ours/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ours/adapter_model.safetensors"
+    ).read_bytes()
     loaded = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "resaved")
     torch.testing.assert_close(_logits(loaded, x), ref, atol=1e-5, rtol=0)

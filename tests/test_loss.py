@@ -21,7 +21,9 @@ def _examples(n=6, seed=0):
 
 
 def _model():
-    return smolpeft.get_peft_model(tiny.llama(), smolpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return smolpeft.get_peft_model(
+        tiny.llama(), smolpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
 
 
 def _loss_and_grads(model, fn):
@@ -98,7 +100,9 @@ def test_evaluation_through_the_lean_loss_matches_transformers():
         batch = collate(examples, pad_id=0)
         logits = model(**batch).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
-        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+        want = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
+        )
     got = evaluate(model, examples, "lm", pad_id=0, batch_size=4)  # several batches, weighted by their token counts
     assert got["eval_loss"] == pytest.approx(want.item(), abs=1e-5)
     assert got["eval_perplexity"] == pytest.approx(math.exp(want.item()), rel=1e-5)

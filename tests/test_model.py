@@ -10,7 +10,16 @@ from smolpeft.lora import LoraLayer, ModulesToSave
 
 
 def _lora(make=tiny.llama, **kw):
-    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, task_type="CAUSAL_LM") | kw
+    kw = (
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
+        | kw
+    )
     return smolpeft.get_peft_model(make(), smolpeft.LoraConfig(**kw))
 
 
@@ -75,8 +84,12 @@ def test_mixed_batch_equal_ranks_batched_path_follows_weight_updates():
     """Equal ranks take the batched-matmul path (stacked factors, cached): rows match single-adapter runs, a
     __base__ row gets nothing, an in-place weight update is seen, and with gradients on the exact path is used."""
     model = _lora()
-    model.add_adapter("b", smolpeft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                               init_lora_weights=False))
+    model.add_adapter(
+        "b",
+        smolpeft.LoraConfig(
+            r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        ),
+    )
     model.eval()
     x = tiny.ids(batch=3)
     names = ["b", "__base__", "default"]
@@ -111,7 +124,9 @@ def test_mixed_batch_equal_ranks_batched_path_follows_weight_updates():
 
 def test_mixed_batch_with_classification_heads():
     model = _lora(tiny.bert_cls, target_modules=["query", "value"], task_type="SEQ_CLS")
-    model.add_adapter("b", smolpeft.LoraConfig(r=2, target_modules=["value"], init_lora_weights=False, task_type="SEQ_CLS"))
+    model.add_adapter(
+        "b", smolpeft.LoraConfig(r=2, target_modules=["value"], init_lora_weights=False, task_type="SEQ_CLS")
+    )
     with torch.no_grad():
         model.base_model.model.classifier.modules_to_save["b"].weight.mul_(-3)
     x = tiny.ids(batch=3)
@@ -177,7 +192,10 @@ def test_adapter_management_and_pass_through(tmp_path, capsys):
     assert model.active_adapter == "default" and list(model.peft_config) == ["default"]
     model.print_trainable_parameters()
     t, n = model.get_nb_trainable_parameters()
-    assert capsys.readouterr().out.strip() == f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
+    )
 
     loaded = smolpeft.PeftModel.from_pretrained(tiny.llama(), tmp_path)
     loaded.load_adapter(tmp_path / "b", adapter_name="b")
@@ -191,7 +209,9 @@ def test_adapter_management_and_pass_through(tmp_path, capsys):
 def test_auto_peft_models_load_the_base_from_the_config(tmp_path):
     base_dir = tmp_path / "base"
     tiny.llama().save_pretrained(base_dir)
-    model = smolpeft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), smolpeft.LoraConfig(r=2, init_lora_weights=False))
+    model = smolpeft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(base_dir), smolpeft.LoraConfig(r=2, init_lora_weights=False)
+    )
     assert model.peft_config["default"].base_model_name_or_path == str(base_dir)
     model.save_pretrained(tmp_path / "adapter")
     auto = smolpeft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
@@ -199,7 +219,10 @@ def test_auto_peft_models_load_the_base_from_the_config(tmp_path):
     torch.testing.assert_close(_logits(auto, x), _logits(model, x), atol=1e-6, rtol=0)
 
     tiny.bert_cls(num_labels=5).save_pretrained(tmp_path / "cls")
-    cls = smolpeft.get_peft_model(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls"), smolpeft.LoraConfig(task_type="SEQ_CLS"))
+    cls = smolpeft.get_peft_model(
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls"),
+        smolpeft.LoraConfig(task_type="SEQ_CLS"),
+    )
     cls.save_pretrained(tmp_path / "cls-adapter")
     auto = smolpeft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "cls-adapter")
     assert auto.config.num_labels == 5  # read from the saved head's shape
@@ -213,8 +236,14 @@ def test_trains_under_transformers_trainer(tmp_path):
     x = tiny.ids(batch=8, length=12)
     ds = Dataset.from_dict({"input_ids": x.tolist(), "labels": x.tolist()})
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds)
     before = _logits(model, x)

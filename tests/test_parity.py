@@ -9,13 +9,31 @@ import smolpeft
 
 CASES = {
     "llama": (tiny.llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
-    "llama-rslora-several": (tiny.llama, dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"], task_type="CAUSAL_LM")),
-    "llama-modules_to_save": (tiny.llama, dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")),
+    "llama-rslora-several": (
+        tiny.llama,
+        dict(
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    ),
+    "llama-modules_to_save": (
+        tiny.llama,
+        dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
+    ),
     "llama-embedding": (tiny.llama, dict(r=2, target_modules=["embed_tokens", "v_proj"], task_type="CAUSAL_LM")),
     "llama-all-linear": (tiny.llama, dict(r=2, target_modules="all-linear", task_type="CAUSAL_LM")),
-    "gpt2-conv1d": (tiny.gpt2, dict(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM")),
+    "gpt2-conv1d": (
+        tiny.gpt2,
+        dict(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, task_type="CAUSAL_LM"),
+    ),
     "bert-cls": (tiny.bert_cls, dict(r=4, lora_alpha=8, task_type="SEQ_CLS")),
-    "minilm-cls": (tiny.minilm_cls, dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")),
+    "minilm-cls": (
+        tiny.minilm_cls,
+        dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS"),
+    ),
 }
 
 
@@ -53,7 +71,9 @@ def test_ours_loads_in_peft_and_theirs_in_ours(case, tmp_path):
     torch.testing.assert_close(_out(ours, inputs), _out(theirs, inputs), atol=1e-5, rtol=0)
     theirs.save_pretrained(tmp_path / "resaved")
     # byte-compatible: what peft writes back from our file is our file
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (tmp_path / "ours/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "ours/adapter_model.safetensors"
+    ).read_bytes()
 
     theirs = peft.get_peft_model(make(), peft.LoraConfig(**kw))
     _perturb(theirs, seed=6)
@@ -61,7 +81,9 @@ def test_ours_loads_in_peft_and_theirs_in_ours(case, tmp_path):
     ours = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs")
     torch.testing.assert_close(_out(ours, inputs), _out(theirs, inputs), atol=1e-5, rtol=0)
     ours.save_pretrained(tmp_path / "ours-resaved")
-    assert (tmp_path / "ours-resaved/adapter_model.safetensors").read_bytes() == (tmp_path / "theirs/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "ours-resaved/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "theirs/adapter_model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("init", [True, "gaussian", False])
@@ -82,7 +104,15 @@ def test_same_seed_same_adapter(init):
 def _weighted_pair(tmp_path):
     """Two saved adapters of different rank, loaded into both libraries."""
     for i, r in enumerate([2, 4]):
-        m = smolpeft.get_peft_model(tiny.llama(), smolpeft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"] if i else ["q_proj", "o_proj"], task_type="CAUSAL_LM"))
+        m = smolpeft.get_peft_model(
+            tiny.llama(),
+            smolpeft.LoraConfig(
+                r=r,
+                lora_alpha=2 * r,
+                target_modules=["q_proj", "v_proj"] if i else ["q_proj", "o_proj"],
+                task_type="CAUSAL_LM",
+            ),
+        )
         _perturb(m, seed=10 + i)
         m.save_pretrained(tmp_path / f"a{i}")
     models = []

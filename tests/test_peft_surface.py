@@ -45,7 +45,9 @@ def test_object_graph_and_names_are_peft_s():
     assert isinstance(q, smolpeft.tuners.lora.Linear) and not isinstance(q, smolpeft.tuners.lora.Embedding)
     assert isinstance(q, smolpeft.tuners.tuners_utils.BaseTunerLayer)
     assert q.active_adapters == ["default"] and not q.merged and q.weight is q.base_layer.weight
-    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
 
 
 def test_deep_imports_resolve():
@@ -114,8 +116,14 @@ def test_keywords_are_supported_or_refused(tmp_path):
     ours.save_pretrained(tmp_path / "a")
     x = tiny.ids()
     loaded = smolpeft.PeftModel.from_pretrained(
-        tiny.llama(), tmp_path / "a", torch_device="cpu", low_cpu_mem_usage=True, revision=None, device_map="cpu",
-        ignore_mismatched_sizes=False, autocast_adapter_dtype=True,
+        tiny.llama(),
+        tmp_path / "a",
+        torch_device="cpu",
+        low_cpu_mem_usage=True,
+        revision=None,
+        device_map="cpu",
+        ignore_mismatched_sizes=False,
+        autocast_adapter_dtype=True,
     )
     torch.testing.assert_close(loaded(input_ids=x).logits, ours(input_ids=x).logits)
     with pytest.raises(TypeError, match="does not support: colour"):
@@ -140,9 +148,13 @@ def test_keywords_are_supported_or_refused(tmp_path):
     ours.save_pretrained(tmp_path / "a")
     assert (tmp_path / "a/README.md").read_text() == "mine"
     # autocast_adapter_dtype=False keeps a bf16 base's dtype for the adapter, as in peft
-    half = smolpeft.get_peft_model(tiny.llama().to(torch.bfloat16), smolpeft.LoraConfig(r=2), autocast_adapter_dtype=False)
+    half = smolpeft.get_peft_model(
+        tiny.llama().to(torch.bfloat16), smolpeft.LoraConfig(r=2), autocast_adapter_dtype=False
+    )
     ref = peft.get_peft_model(tiny.llama().to(torch.bfloat16), peft.LoraConfig(r=2), autocast_adapter_dtype=False)
-    assert {p.dtype for n, p in half.named_parameters() if "lora_" in n} == {p.dtype for n, p in ref.named_parameters() if "lora_" in n}
+    assert {p.dtype for n, p in half.named_parameters() if "lora_" in n} == {
+        p.dtype for n, p in ref.named_parameters() if "lora_" in n
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -168,7 +180,10 @@ def test_8bit_base_merges_like_peft():
         return m
 
     cfg = dict(r=4, lora_alpha=8, target_modules=["lin0"])
-    ours, theirs = smolpeft.get_peft_model(make(), smolpeft.LoraConfig(**cfg)), peft.get_peft_model(make(), peft.LoraConfig(**cfg))
+    ours, theirs = (
+        smolpeft.get_peft_model(make(), smolpeft.LoraConfig(**cfg)),
+        peft.get_peft_model(make(), peft.LoraConfig(**cfg)),
+    )
     _randomize(ours, theirs)
     x = torch.randn(5, 10)
     with torch.no_grad():
@@ -201,7 +216,9 @@ def test_merge_bookkeeping_errors_as_peft():
         ours.merge_adapter(safe_merge=True)
     after = ours.get_base_model().state_dict()
     assert all(torch.equal(v, after[k]) or v.isnan().any() for k, v in before.items())
-    prompt = smolpeft.get_peft_model(tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    prompt = smolpeft.get_peft_model(
+        tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    )
     with pytest.raises(AttributeError, match="applies to LoRA adapters"):  # PEFT raises AttributeError here
         prompt.unload()
 
@@ -240,7 +257,11 @@ def test_push_to_hub_uploads_the_adapter_only(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     ours, _ = _pair(**dict(r=2, target_modules=["q_proj"]))
     assert ours.push_to_hub("me/adapter", token="t") == "ok"
-    assert calls["repo"] == "me/adapter" and calls["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert calls["repo"] == "me/adapter" and calls["files"] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     base_bytes = sum(p.numel() * p.element_size() for p in ours.get_base_model().parameters())
     assert calls["bytes"] < base_bytes / 10
 

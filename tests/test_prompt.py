@@ -36,7 +36,9 @@ def test_causal_lm_matches_peft(init, tok_dir, tmp_path):
     if init == "TEXT":
         tok = tiny.tokenizer(tmp_path / "t")
         first = tok("classify the weather today")["input_ids"][0]
-        assert torch.equal(ours.prompt_encoder["default"].embedding.weight[0], make().get_input_embeddings().weight[first])
+        assert torch.equal(
+            ours.prompt_encoder["default"].embedding.weight[0], make().get_input_embeddings().weight[first]
+        )
 
     x = tiny.ids(vocab=300)
     mask = torch.ones_like(x)
@@ -66,12 +68,16 @@ def test_causal_lm_matches_peft(init, tok_dir, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs")
     assert torch.equal(back.prompt_encoder["default"].embedding.weight, ours.prompt_encoder["default"].embedding.weight)
-    assert (tmp_path / "ours/adapter_model.safetensors").read_bytes() == (tmp_path / "theirs/adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "ours/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "theirs/adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_sequence_classification_matches_peft(tmp_path):
     torch.manual_seed(1)
-    ours = smolpeft.get_peft_model(tiny.bert_cls(), smolpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"))
+    ours = smolpeft.get_peft_model(
+        tiny.bert_cls(), smolpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS")
+    )
     with torch.no_grad():
         ours.base_model.classifier.modules_to_save["default"].weight.add_(0.5)  # a trained head must be saved too
     ours.save_pretrained(tmp_path / "ours")
@@ -84,12 +90,18 @@ def test_sequence_classification_matches_peft(tmp_path):
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_encoder.default.embedding.weight", "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
+    assert trainable == {
+        "prompt_encoder.default.embedding.weight",
+        "base_model.classifier.modules_to_save.default.weight",
+        "base_model.classifier.modules_to_save.default.bias",
+    }
 
 
 def test_prompt_training_changes_only_the_prompt():
     torch.manual_seed(0)
-    model = smolpeft.get_peft_model(tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    model = smolpeft.get_peft_model(
+        tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
     base = {k: v.clone() for k, v in model.base_model.state_dict().items()}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = tiny.ids()
@@ -111,7 +123,9 @@ def test_prompt_errors(tmp_path):
         smolpeft.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(ValueError, match="needs prompt_tuning_init_text"):
         smolpeft.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
-    model = smolpeft.get_peft_model(tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    model = smolpeft.get_peft_model(
+        tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+    )
     model.save_pretrained(tmp_path / "p")
     with pytest.raises(ValueError, match="merge"):
         model.merge_and_unload()

