@@ -256,7 +256,9 @@ def test_every_command_has_help_with_examples(cmd, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"smolpeft inspect: error: AdapterNotFoundError: adapter directory not found: {tmp_path / 'missing'}"]
+    assert err == [
+        f"smolpeft inspect: error: AdapterNotFoundError: adapter directory not found: {tmp_path / 'missing'}"
+    ]
 
 
 def test_packing_trains_on_the_same_tokens(lm, tmp_path):
