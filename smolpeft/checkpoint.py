@@ -120,8 +120,9 @@ def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) 
 
 def _live(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """File key -> live tensor of the model for adapter `adapter_name` (embedding layers only if the file has them)."""
-    live = get_peft_model_state_dict(model, model.state_dict(keep_vars=True), adapter_name, save_embedding_layers=True)
-    own = {fk for k in model.state_dict(keep_vars=True) if (fk := _file_key(k, adapter_name)) is not None}
+    state = model.state_dict(keep_vars=True)
+    live = get_peft_model_state_dict(model, state, adapter_name, save_embedding_layers=True)
+    own = {fk for k in state if (fk := _file_key(k, adapter_name)) is not None}
     return {k: v for k, v in live.items() if k in own or k in loaded}
 
 

@@ -371,11 +371,7 @@ class PeftModel(nn.Module):
         The file's shapes are checked against its config and this model from the safetensors header before any
         adapter memory is allocated. PiSSA/OLoRA adapters become plain LoRA deltas (rank 2r), so loading one
         never rewrites the base weights that other adapters and the base itself compute with."""
-        _check_kwargs("load_adapter", kwargs, _HUB_KWARGS | {"ignore_mismatched_sizes", "torch_dtype", "device_map"})
-        if ephemeral_gpu_offload or key_mapping:
-            raise ValueError("ephemeral_gpu_offload and key_mapping are not supported by smolpeft")
-        _check_device_map(kwargs.pop("device_map", None))
-        ignore_sizes, dtype = kwargs.pop("ignore_mismatched_sizes", False), kwargs.pop("torch_dtype", None)
+        ignore_sizes, dtype = _load_options("load_adapter", kwargs, ephemeral_gpu_offload, key_mapping)
         path = checkpoint.resolve_dir(model_id, **kwargs)
         config = load_config(path)
         self._load(path, config, adapter_name, is_trainable, torch_device, ignore_sizes, dtype, autocast_adapter_dtype)
@@ -427,13 +423,8 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> PeftModel:
         """Wrap `model` and load an adapter into it; the class follows the adapter's task_type, as in PEFT."""
-        allowed = _HUB_KWARGS | {"ignore_mismatched_sizes", "torch_dtype", "device_map", "torch_device"}
-        _check_kwargs("from_pretrained", kwargs, allowed)
-        if ephemeral_gpu_offload or key_mapping:
-            raise ValueError("ephemeral_gpu_offload and key_mapping are not supported by smolpeft")
-        _check_device_map(kwargs.pop("device_map", None))
-        device, ignore_sizes = kwargs.pop("torch_device", None), kwargs.pop("ignore_mismatched_sizes", False)
-        dtype = kwargs.pop("torch_dtype", None)
+        device = kwargs.pop("torch_device", None)
+        ignore_sizes, dtype = _load_options("from_pretrained", kwargs, ephemeral_gpu_offload, key_mapping)
         path = checkpoint.resolve_dir(model_id, **kwargs)
         config = config or load_config(path)
         if cls is PeftModel:
@@ -509,10 +500,18 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
 
-def _check_device_map(device_map: Any) -> None:
-    """One device for the whole adapter is supported; offloading maps are not."""
-    if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+def _load_options(
+    where: str, kwargs: dict[str, Any], ephemeral_gpu_offload: bool, key_mapping: Any
+) -> tuple[bool, Any]:
+    """Check from_pretrained/load_adapter keywords, refusing what smolpeft does not do, and take out
+    (ignore_mismatched_sizes, torch_dtype); what stays in `kwargs` only says where the files come from."""
+    _check_kwargs(where, kwargs, _HUB_KWARGS | {"ignore_mismatched_sizes", "torch_dtype", "device_map"})
+    if ephemeral_gpu_offload or key_mapping:
+        raise ValueError("ephemeral_gpu_offload and key_mapping are not supported by smolpeft")
+    device_map = kwargs.pop("device_map", None)
+    if isinstance(device_map, dict) and len(set(device_map.values())) > 1:  # one device for the adapter is fine
         raise ValueError("device_map spreading an adapter over several devices is not supported by smolpeft")
+    return kwargs.pop("ignore_mismatched_sizes", False), kwargs.pop("torch_dtype", None)
 
 
 def _named_forward(
