@@ -24,7 +24,7 @@ from .lora import BASE, AdapterState
 from .loss import causal_lm_forward, lean_applies
 from .prompt import PromptEmbedding, prepend
 from .surface import refuse
-from .tuner import CLS_HEADS, LoraModel
+from .tuner import CLS_HEADS, LoraModel, check_known
 
 # Keyword arguments of from_pretrained/load_adapter that only choose where the files come from.
 _HUB_KWARGS = {"subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "use_auth_token"}
@@ -144,10 +144,7 @@ class PeftModel(nn.Module):
             self.base_model.set_adapter(adapter_name)
 
     def _check_known(self, name: str) -> None:
-        if name not in self.peft_config:
-            raise ValueError(
-                f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}"
-            )
+        check_known(self.peft_config, name)
 
     @property
     def active_adapter(self) -> str | list[str]:

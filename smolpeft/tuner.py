@@ -21,6 +21,12 @@ from .lora import AdapterState, LoraLayer, ModulesToSave
 CLS_HEADS = ["classifier", "score"]  # PEFT trains the classification head with every SEQ_CLS adapter
 
 
+def check_known(peft_config: dict, name: str) -> None:
+    """Raise PEFT's error for an adapter name that is not in the registry `peft_config`."""
+    if name not in peft_config:
+        raise ValueError(f"Adapter {name} does not exist; known adapters: {', '.join(peft_config) or '(none)'}")
+
+
 class LoraModel(nn.Module):
     """Adds, switches, merges and removes named LoRA adapters on `model` (modified in place)."""
 
@@ -121,10 +127,7 @@ class LoraModel(nn.Module):
         self._state.disabled = False
 
     def _check_known(self, name: str) -> None:
-        if name not in self.peft_config:
-            raise ValueError(
-                f"Adapter {name} does not exist; known adapters: {', '.join(self.peft_config) or '(none)'}"
-            )
+        check_known(self.peft_config, name)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""
