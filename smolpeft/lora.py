@@ -311,13 +311,20 @@ class LoraLayer(nn.Module):
         if self.is_embedding or out.dtype != B.dtype or self.lora_bias[name]:
             return out + self._delta(x, name).to(out.dtype)
         h = F.linear(self.lora_dropout[name](x.to(A.dtype)), A)
-        # s·B folds the scaling into the small r×out factor, and addmm adds the product to out in one kernel. With
-        # no graph to record (inference), it adds in place and skips the copy of out; under autograd an in-place
-        # op on a view of out would cost more in backward than the copy saves.
-        flat, h, Bs = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), (B * self.scaling[name]).T
-        if torch.is_grad_enabled():
-            return torch.addmm(flat, h, Bs).view(out.shape)
-        return flat.addmm_(h, Bs).view(out.shape)
+        # s·B folds the scaling into the small r×out factor, and the product is added to out in one kernel, in
+        # place: out is the base layer's fresh output, which nothing else holds and whose backward does not need it,
+        # so autograd records the add without a second out-sized tensor (a step's peak memory holds one per layer).
+        # Under autograd only over nn.Linear, whose output is a plain tensor; an in-place op on a view (Conv1D's
+        # reshaped output) costs more in backward than the copy saves, and a custom Function's output may be a view.
+        Bs = (B * self.scaling[name]).T
+        if not torch.is_grad_enabled():
+            flat = out.reshape(-1, out.shape[-1])
+            return flat.addmm_(h.reshape(-1, h.shape[-1]), Bs).view(out.shape)
+        if type(self.base_layer) is nn.Linear and out.dim() == 3:
+            return out.baddbmm_(h, Bs.expand(out.shape[0], *Bs.shape))
+        if type(self.base_layer) is nn.Linear and out.dim() == 2:
+            return out.addmm_(h, Bs)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), Bs).view(out.shape)
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Each row of the batch gets its own adapter (or none)."""

@@ -103,15 +103,8 @@ def test_prompt_training_changes_only_the_prompt():
         tiny.llama(), smolpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
     )
     base = {k: v.clone() for k, v in model.base_model.state_dict().items()}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = tiny.ids()
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = tiny.train_steps(model, x, steps=5, lr=0.1, optimizer=torch.optim.Adam)
     assert losses[-1] < losses[0]
     assert all(torch.equal(v, model.base_model.state_dict()[k]) for k, v in base.items())
     with model.disable_adapter():

@@ -47,15 +47,7 @@ def test_qlora_step_lowers_the_loss_and_only_adapters_train(base_dir):
     model = smolpeft.get_peft_model(_4bit(base_dir), smolpeft.LoraConfig(r=8, target_modules="all-linear"))
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = tiny.ids(vocab=300)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = tiny.train_steps(model, tiny.ids(vocab=300), steps=5, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05
     assert {n.split(".")[-3] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
 
