@@ -382,7 +382,7 @@ class PeftModel(nn.Module):
         weights = checkpoint.read_weights(path, device=device)
         config.inference_mode = not is_trainable
         original = config
-        if getattr(config, "init_lora_weights", None) in ("pissa", "olora"):
+        if checkpoint.is_principal(config):
             config = checkpoint.principal_config(config)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast)
         try:

@@ -149,6 +149,10 @@ class LoraModel(nn.Module):
             if train:
                 for p in trained_biases(self.model, config.bias):
                     p.requires_grad_(True)
+        for _, m in lora.lora_layers(self.model):  # factors a method keeps fixed (MiCA's B) never train
+            for name in m.frozen_peft_weight_names:
+                for p in m.frozen_params(name):
+                    p.requires_grad_(False)
 
     # --- merging ----------------------------------------------------------------------------------------------
 
