@@ -7,11 +7,11 @@ import warnings
 
 import peft
 import pytest
+import tiny
 import torch
 from torch import nn
 
 import smolpeft
-import tiny
 
 
 class Mlp(nn.Module):
