@@ -215,12 +215,19 @@ class EvaConfig:
 class CordaConfig:
     """CorDA settings for `preprocess_corda` (smolpeft.corda): which mode picks the adapter's singular directions."""
 
-    cache_file: str | None = None  # refused by preprocess_corda: PEFT's cache is a pickle (torch.save)
-    covariance_file: str | None = None  # refused likewise
-    corda_method: str = "ipm"  # "ipm": largest components of W·C (instruction-previewed); "kpm": smallest (knowledge)
+    cache_file: str | None = None  # decomposition cache (safetensors; PEFT's torch.save pickles are not read)
+    covariance_file: str | None = None  # covariance cache, likewise
+    corda_method: str | None = "ipm"  # "ipm": the largest components of W·C; "kpm": the smallest
     verbose: bool = False
     use_float16_for_covariance: bool = False
-    prune_temporary_fields: bool = True  # drop the covariance and eigens from the layers once used
+    prune_temporary_fields: bool = True  # drop the covariance and sample count from the layers once used
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm", None):  # None: only a cache_file can be used
+            raise ValueError(f"Invalid corda_method found: {self.corda_method}, it should be 'ipm' or 'kpm'.")
+        # paths as strings, so that the config's JSON form holds them
+        self.cache_file = None if self.cache_file is None else os.fspath(self.cache_file)
+        self.covariance_file = None if self.covariance_file is None else os.fspath(self.covariance_file)
 
 
 # init_lora_weights strings smolpeft implements; "pissa_niter_N" (any N >= 0) is PiSSA with a randomized SVD.
