@@ -47,6 +47,27 @@ def is_principal_init(init: bool | str) -> bool:
     return isinstance(init, str) and (init.startswith("pissa") or init.lower() == "olora")
 
 
+def base_rewrite_warning(new: LoraConfig, existing: list[LoraConfig]) -> str | None:
+    """PEFT's warning when an adapter whose init rewrote the base (PiSSA, CorDA, OLoRA: W becomes W - s·B₀A₀) shares
+    the model with others, which then compute on that residual. Loaded ones are plain LoRA here (init True), so only
+    adapters created in this process count."""
+    if not existing:
+        return None
+    inits = [c.init_lora_weights for c in [new, *existing] if isinstance(c.init_lora_weights, str)]
+    for method, name, anchor in (
+        ("pissa", "PiSSA", "pissa_finetuning#convert-pissa-to-lora"),
+        ("corda", "CorDA", "corda_finetuning#convert-corda-to-lora"),
+        ("olora", "OLoRA", "olora_finetuning#olora-and-lora"),
+    ):
+        if any(i.lower() == method or (method == "pissa" and i.startswith("pissa")) for i in inits):
+            return (
+                f"{name} changes the base weights of the model and should thus not be used with other adapters. "
+                f"Consider converting the {name} adapter into a normal LoRA adapter: "
+                f"https://github.com/huggingface/peft/tree/main/examples/{anchor}"
+            )
+    return None
+
+
 def orthogonal_factors(r: int, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's "orthogonal" init (datta0.github.io/posts/rethink-lora-init): the odd and even rows of one random r×r
     orthogonal Q give A and B row spaces that are orthogonal, so B A = 0 while neither factor is zero. Draws the
@@ -214,6 +235,12 @@ class LoraLayer(nn.Module):
                 A.copy_(A0.to(w.dtype)), B.copy_(B0.to(w.dtype))
             elif kind == "eva":  # PEFT: B = 0 and A keeps nn.Linear's draw; the data-driven step is a separate call
                 nn.init.zeros_(B)
+                warnings.warn(
+                    "init_lora_weights='eva': the layers start as PEFT builds them before initialize_lora_eva_weights "
+                    "(B = 0), which smolpeft does not implement; unless trained EVA weights are loaded into it, this "
+                    "adapter trains as plain LoRA",
+                    stacklevel=4,
+                )
             else:  # True: A Kaiming-uniform, B = 0, so the adapter starts as the identity
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
             if config.lora_bias and init is not False:

@@ -71,6 +71,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         if adapter_name == lora.BASE:
             raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
+        msg = lora.base_rewrite_warning(config, list(self.peft_config.values()))
+        if msg:
+            warnings.warn(msg, stacklevel=3)
         self.peft_config[adapter_name] = config
         try:
             heads = list(config.modules_to_save or [])

@@ -164,3 +164,28 @@ def test_olora_conversion_equals_peft(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_rewriting_adapter_with_another_warns_like_peft(init, tmp_path):
+    """Where the base really is the residual (an adapter created with PiSSA/OLoRA here), loading another adapter warns
+    with PEFT's message (adding one too, where PEFT is silent); a loaded PiSSA/OLoRA adapter is plain LoRA over the
+    untouched base, so loading one next to others does not."""
+    name = {"pissa": "PiSSA", "olora": "OLoRA"}[init]
+    _build(smolpeft, Mlp(), r=2, target_modules=["out"]).save_pretrained(tmp_path / "plain")
+    msgs = {}
+    for lib in (smolpeft, peft):
+        pm = _build(lib, Mlp(), r=4, target_modules=["lin"], init_lora_weights=init)
+        pm.save_pretrained(tmp_path / lib.__name__)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pm.load_adapter(tmp_path / "plain", adapter_name="other")
+        msgs[lib] = [str(x.message) for x in w if "changes the base weights" in str(x.message)]
+    assert msgs[smolpeft] == msgs[peft] and msgs[smolpeft][0].startswith(f"{name} changes the base weights")
+    with pytest.warns(UserWarning, match=f"{name} changes the base weights"):
+        pm = _build(smolpeft, Mlp(), r=4, target_modules=["lin"], init_lora_weights=init)
+        pm.add_adapter("other", smolpeft.LoraConfig(r=2, target_modules=["out"]))
+    plain = smolpeft.PeftModel.from_pretrained(Mlp(), tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.load_adapter(tmp_path / "smolpeft", adapter_name="loaded")
