@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from typing import Any
 
 import torch
@@ -399,6 +400,13 @@ def principal_weights(
     inner: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Convert a PiSSA/OLoRA adapter file to plain LoRA against the unmodified base: A₀, B₀ are recomputed from it."""
+    if str(config.init_lora_weights).startswith("pissa_niter_"):
+        warnings.warn(
+            f"init_lora_weights={config.init_lora_weights!r}: the randomized SVD that split the base when this adapter "
+            "was created is drawn again on load (as in PEFT), so the loaded adapter matches the trained one only as "
+            "far as two draws agree; save with path_initial_model_for_weight_conversion for an exact plain-LoRA file",
+            stacklevel=4,
+        )
 
     def initial(key: str, r: int):
         path = key.removeprefix("base_model.model.")

@@ -189,3 +189,22 @@ def test_base_rewriting_adapter_with_another_warns_like_peft(init, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain.load_adapter(tmp_path / "smolpeft", adapter_name="loaded")
+
+
+def test_pissa_niter_adapter_loads_with_a_warning_and_converts_exactly(tmp_path):
+    """On load the randomized SVD is drawn again (as PEFT does), so smolpeft warns; the converted file is exact."""
+    torch.manual_seed(0)
+    base = Mlp()
+    x = torch.randn(5, 20)
+    pm = _build(smolpeft, base, r=4, target_modules=["lin"], init_lora_weights="pissa_niter_2")
+    pm.save_pretrained(tmp_path / "init")
+    with torch.no_grad():
+        pm.base_model.model.lin.lora_A["default"].weight.mul_(1.5)
+        trained = pm(x)
+    pm.save_pretrained(tmp_path / "trained")
+    pm.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    with pytest.warns(UserWarning, match="randomized SVD"):
+        smolpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "trained")
+    for lib in (smolpeft, peft):
+        loaded = lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain")
+        torch.testing.assert_close(loaded(x), trained, atol=1e-5, rtol=0)
