@@ -231,8 +231,9 @@ class LoraLayer(nn.Module):
                 del self.base_layer.eigens  # used once; PEFT drops it too, so it is never saved with the model
             elif kind == "orthogonal":
                 A0, B0 = orthogonal_factors(r, self.in_features, self.out_features)
-                # PEFT rounds them to the base dtype before any autocast to fp32; so do we, for equal numbers.
-                A.copy_(A0.to(w.dtype)), B.copy_(B0.to(w.dtype))
+                # PEFT rounds them to a float base's dtype before any autocast to fp32; so do we, for equal numbers.
+                rounded = w.dtype if w.dtype.is_floating_point else A.dtype  # a 4-bit base stores uint8
+                A.copy_(A0.to(rounded)), B.copy_(B0.to(rounded))
             elif kind == "eva":  # PEFT: B = 0 and A keeps nn.Linear's draw; the data-driven step is a separate call
                 nn.init.zeros_(B)
                 warnings.warn(
