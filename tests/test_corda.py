@@ -7,6 +7,7 @@ import warnings
 
 import peft
 import pytest
+import tiny
 import torch
 from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
@@ -115,3 +116,26 @@ def test_corda_adapter_loads_and_converts(base_and_data, tmp_path):
     torch.testing.assert_close(ref(data), trained, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="please run `preprocess_corda` first"):
         smolpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "trained")  # no decomposition to undo
+
+
+def test_corda_on_gpt2_conv1d_equals_peft():
+    """GPT-2's Conv1D stores Wᵀ: the decomposition and the residual are taken in LoRA's out×in view, as in PEFT."""
+    model, x = tiny.gpt2(), tiny.ids()[:1]  # PEFT's hook takes one row at a time
+    out = {}
+    for lib, pre, cc in ((smolpeft, preprocess_corda, CordaConfig), (peft, peft_preprocess, PeftCordaConfig)):
+        m = copy.deepcopy(model)
+        cfg = lib.LoraConfig(
+            r=4, target_modules=["c_attn", "c_fc"], init_lora_weights="corda", corda_config=cc(corda_method="kpm")
+        )
+        pre(m, cfg, run_model=lambda m=m: m(input_ids=x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = lib.get_peft_model(m, cfg)
+        with torch.no_grad():
+            out[lib] = ({n: p.detach().clone() for n, p in pm.named_parameters()}, pm(input_ids=x).logits)
+    (ours, y1), (theirs, y2) = out[smolpeft], out[peft]
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0, msg=k)
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(y1, model(input_ids=x).logits, atol=1e-5, rtol=0)
