@@ -79,6 +79,9 @@ def test_mica_is_identity_trains_only_A_and_keeps_B_frozen_across_switches():
     pm.set_adapter("other")
     pm.set_adapter("default")
     assert _trainable(pm) == ["base_model.model.lin.lora_A.default.weight"]
+    pm.set_requires_grad("default", False)
+    pm.set_requires_grad("default", True)  # as PEFT: B stays frozen
+    assert _trainable(pm) == ["base_model.model.lin.lora_A.default.weight"]
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
     B0 = B.detach().clone()
     pm(x).sum().backward()
