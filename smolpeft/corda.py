@@ -70,6 +70,15 @@ def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
+def _check_keys(saved: dict, keys: list[str], path: str | os.PathLike) -> None:
+    missing = [k for k in keys if k not in saved]
+    if missing:
+        raise ValueError(
+            f"CorDA cache {os.fspath(path)!r} has no entry {missing[0]!r} ({len(missing)} of this model's target "
+            "layers missing): it was built for another model or other target_modules"
+        )
+
+
 def _usable(path: str | os.PathLike | None) -> bool:
     return path is not None and os.path.exists(path) and os.path.getsize(path) > 0
 
@@ -93,6 +102,7 @@ def preprocess_corda(
     targets = _targets(model, lora_config)
     if _usable(cfg.cache_file):
         cache = _read(cfg.cache_file, "cache_file")
+        _check_keys(cache, [f"{n}.eigens.S_WC" for n, _ in targets], cfg.cache_file)
         for name, layer in targets:
             w = layer.weight
             layer.eigens = CordaEigens(
@@ -102,7 +112,12 @@ def preprocess_corda(
     if cfg.corda_method is None:
         raise ValueError("corda_method is required when cache_file is not provided.")
     _collect_covariance(model, lora_config, targets, run_model, hooked_model)
-    for name, layer in targets:
+    steps = targets
+    if cfg.verbose:  # one progress line over the layers' SVDs, as PEFT shows
+        from tqdm.auto import tqdm
+
+        steps = tqdm(targets, desc="Collecting eigens")
+    for name, layer in steps:
         r = pattern_value(name, lora_config.rank_pattern, lora_config.r)
         layer.eigens = _decompose(layer, r, cfg.corda_method)
     if cfg.prune_temporary_fields:
@@ -123,6 +138,7 @@ def _collect_covariance(model, config, targets, run_model, hooked_model) -> None
     cfg = config.corda_config
     if _usable(cfg.covariance_file):
         saved = _read(cfg.covariance_file, "covariance_file")
+        _check_keys(saved, [n for n, _ in targets], cfg.covariance_file)
         for name, layer in targets:
             layer.covariance_matrix = saved[name].to(layer.weight.device)
         return

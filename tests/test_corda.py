@@ -92,6 +92,11 @@ def test_covariance_hooks_and_caches(base_and_data, tmp_path):
         preprocess_corda(copy.deepcopy(base), cfg3)
     with pytest.raises(ValueError, match="please run `preprocess_corda` first"):
         smolpeft.get_peft_model(copy.deepcopy(base), cfg3)
+    other = smolpeft.LoraConfig(
+        target_modules=["out"], init_lora_weights="corda", corda_config=CordaConfig(cache_file=tmp_path / "c.pt")
+    )
+    with pytest.raises(ValueError, match="has no entry 'out.eigens.S_WC'"):  # a cache built for other layers
+        preprocess_corda(copy.deepcopy(base), other)
 
 
 def test_corda_adapter_loads_and_converts(base_and_data, tmp_path):
