@@ -9,6 +9,7 @@ from .checkpoint import (
     set_peft_model_state_dict,
 )
 from .config import (
+    EvaConfig,
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -44,6 +45,7 @@ __all__ = [
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForSequenceClassification",
+    "EvaConfig",
     "LoraConfig",
     "LoraModel",
     "PeftConfig",

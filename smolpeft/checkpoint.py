@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from typing import Any
 
 import torch
@@ -361,8 +362,14 @@ def head_shapes(directory: str | os.PathLike) -> list[tuple[int, ...]]:
 # --- PiSSA / OLoRA as plain LoRA ---------------------------------------------------------------------------------
 
 
+def is_principal(config) -> bool:
+    """PiSSA (also "pissa_niter_N"), OLoRA and CorDA adapters: trained over the residual W - s·B₀A₀, not over W."""
+    init = getattr(config, "init_lora_weights", None)
+    return isinstance(init, str) and (init.startswith("pissa") or init.lower() in ("olora", "corda"))
+
+
 def principal_config(config: LoraConfig) -> LoraConfig:
-    """The plain-LoRA config of a converted PiSSA/OLoRA adapter: rank 2r and the same scaling s."""
+    """The plain-LoRA config of a converted PiSSA/OLoRA/CorDA adapter: rank 2r and the same scaling s."""
     import dataclasses
 
     grow = 2**0.5 if config.use_rslora else 2  # s = alpha/r (or alpha/√r) is unchanged at rank 2r
@@ -371,6 +378,7 @@ def principal_config(config: LoraConfig) -> LoraConfig:
         r=2 * config.r,
         lora_alpha=grow * config.lora_alpha,
         init_lora_weights=True,
+        corda_config=None,  # read only by the CorDA init, which a plain LoRA adapter does not run
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
     )
@@ -392,11 +400,20 @@ def principal_weights(
     inner: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Convert a PiSSA/OLoRA adapter file to plain LoRA against the unmodified base: A₀, B₀ are recomputed from it."""
+    if str(config.init_lora_weights).startswith("pissa_niter_"):
+        warnings.warn(
+            f"init_lora_weights={config.init_lora_weights!r}: the randomized SVD that split the base when this adapter "
+            "was created is drawn again on load (as in PEFT), so the loaded adapter matches the trained one only as "
+            "far as two draws agree; save with path_initial_model_for_weight_conversion for an exact plain-LoRA file",
+            stacklevel=4,
+        )
 
     def initial(key: str, r: int):
         path = key.removeprefix("base_model.model.")
         layer = inner.get_submodule(path)
         alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
+        if config.init_lora_weights == "corda":  # needs preprocess_corda's decomposition on this model's layers
+            return layer.corda_factors(r, config.scaling(r, alpha))
         return layer.principal_factors(config.init_lora_weights, r, config.scaling(r, alpha))
 
     return _stack_principal(weights, initial)
@@ -405,10 +422,17 @@ def principal_weights(
 def principal_to_lora(config, params: dict[str, torch.Tensor], initial_dir: str | os.PathLike):
     """save_pretrained(path_initial_model_for_weight_conversion=...): the trained PiSSA/OLoRA adapter as plain LoRA,
     using the untrained adapter saved at `initial_dir` for A₀, B₀. Returns (config, tensors)."""
-    if getattr(config, "init_lora_weights", None) not in ("pissa", "olora"):
+    if not is_principal(config):
         raise ValueError(
-            "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; this one is "
+            "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters (and CorDA ones); this one is "
             f"init_lora_weights={getattr(config, 'init_lora_weights', None)!r}"
+        )
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        # alpha' = √2·alpha keeps s = alpha/√r at rank 2r only where alpha and r come from the same place; PEFT
+        # refuses the combination rather than guess, and so do we (its message).
+        raise ValueError(
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
+            "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`."
         )
     init = read_weights(initial_dir)
 

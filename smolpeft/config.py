@@ -192,6 +192,59 @@ class PeftConfig:
 
 
 @dataclass
+class EvaConfig:
+    """PEFT's EVA settings (explained-variance rank redistribution), validated as PEFT does. smolpeft builds and saves
+    EVA adapters' layers (B = 0 until the data-driven step) and loads trained ones; the step itself,
+    `initialize_lora_eva_weights`, is not implemented."""
+
+    rho: float = 2.0  # a layer's rank may grow to r·rho
+    tau: float = 0.99  # cosine-similarity threshold that stops the incremental SVD
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rho < 1.0:
+            raise ValueError("`rho` must be >= 1.0")
+        if self.tau < 0.0 or self.tau > 1.0:
+            raise ValueError("`tau` must be between 0.0 and 1.0.")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA settings for `preprocess_corda` (smolpeft.corda): which mode picks the adapter's singular directions."""
+
+    cache_file: str | None = None  # decomposition cache (safetensors; PEFT's torch.save pickles are not read)
+    covariance_file: str | None = None  # covariance cache, likewise
+    corda_method: str | None = "ipm"  # "ipm": the largest components of W·C; "kpm": the smallest
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True  # drop the covariance and sample count from the layers once used
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm", None):  # None: only a cache_file can be used
+            raise ValueError(f"Invalid corda_method found: {self.corda_method}, it should be 'ipm' or 'kpm'.")
+        # paths as strings, so that the config's JSON form holds them
+        self.cache_file = None if self.cache_file is None else os.fspath(self.cache_file)
+        self.covariance_file = None if self.covariance_file is None else os.fspath(self.covariance_file)
+
+
+# init_lora_weights strings smolpeft implements; "pissa_niter_N" (any N >= 0) is PiSSA with a randomized SVD.
+LORA_INITS = ("gaussian", "pissa", "olora", "mica", "orthogonal", "corda", "eva")
+
+
+def _valid_init(init: object) -> bool:
+    if isinstance(init, bool):
+        return True
+    if not isinstance(init, str):
+        return False
+    if init.startswith("pissa_niter_"):
+        return init.removeprefix("pissa_niter_").isdigit()
+    return init.lower() in ("olora", "mica") or init in LORA_INITS
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA: W x + (lora_alpha / r) · B A x, with B (out×r) zero-initialised so training starts at the base model."""
 
@@ -206,7 +259,7 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False  # lora_B gets a trained bias (merged into the base layer's bias)
     use_rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     modules_to_save: list[str] | None = None  # whole modules trained and saved next to the adapter
-    init_lora_weights: bool | str = True  # True, False, "gaussian", "pissa", "olora"
+    init_lora_weights: bool | str = True  # True, False or one of LORA_INITS (see _valid_init)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -216,8 +269,8 @@ class LoraConfig(PeftConfig):
     megatron_core: str | None = "megatron.core"  # only read by PEFT together with megatron_config
     trainable_token_indices: list[int] | dict | None = None
     loftq_config: dict = field(default_factory=dict)
-    eva_config: dict | None = None
-    corda_config: dict | None = None
+    eva_config: EvaConfig | None = None  # with init_lora_weights="eva" (a dict from JSON becomes an EvaConfig)
+    corda_config: CordaConfig | None = None  # with init_lora_weights="corda", read by preprocess_corda
     lora_ga_config: dict | None = None
     velora_config: dict | None = None
     alora_invocation_tokens: list[int] | None = None
@@ -232,7 +285,7 @@ class LoraConfig(PeftConfig):
     ensure_weight_tying: bool = False
 
     _refused: ClassVar[tuple[str, ...]] = (
-        "megatron_config", "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+        "megatron_config", "trainable_token_indices", "loftq_config", "lora_ga_config",
         "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
         "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
     )  # fmt: skip
@@ -249,11 +302,12 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}")
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
-        if self.init_lora_weights not in (True, False, "gaussian", "pissa", "olora"):
+        if not _valid_init(self.init_lora_weights):
             raise ValueError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; "
-                "expected True, False, 'gaussian', 'pissa' or 'olora'"
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r}; expected True, False, 'gaussian', 'pissa', "
+                "'pissa_niter_[number of iters]', 'olora', 'mica', 'orthogonal', 'corda' or 'eva'"
             )
+        self._check_init_configs()
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, got {v!r}")
@@ -272,6 +326,40 @@ class LoraConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layer_replication is not None and not self.layer_replication:
             self.layer_replication = None
+
+    def _check_init_configs(self) -> None:
+        """PEFT's warnings for the data-driven inits' sub-configs, and for a PiSSA/OLoRA/CorDA setup whose trained
+        adapter cannot later be converted to plain LoRA."""
+        init = self.init_lora_weights
+        for method, cls in (("eva", EvaConfig), ("corda", CordaConfig)):
+            field_name = f"{method}_config"
+            value = getattr(self, field_name)
+            if init == method and value is None:
+                warnings.warn(
+                    f"`init_lora_weights` is '{method}' but `{field_name}` is not specified. "
+                    f"Using default {method.upper() if method == 'eva' else 'CorDA'} config.",
+                    stacklevel=4,
+                )
+                setattr(self, field_name, cls())
+            elif init != method and value is not None:
+                warnings.warn(
+                    f"`{field_name}` specified but will be ignored when `init_lora_weights` is not '{method}'.",
+                    stacklevel=4,
+                )
+        if isinstance(self.corda_config, dict):  # read from JSON
+            self.corda_config = CordaConfig(**self.corda_config)
+        if isinstance(self.eva_config, dict):
+            self.eva_config = EvaConfig(**self.eva_config)
+        mutates_base = isinstance(init, str) and (init.startswith("pissa") or init.lower() in ("olora", "corda"))
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and mutates_base:
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or "
+                "rank_pattern/alpha_pattern.",
+                stacklevel=4,
+            )
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r

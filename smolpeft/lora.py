@@ -41,6 +41,45 @@ def layer_shape(base: nn.Module) -> tuple[int, int, bool]:
     )
 
 
+def is_principal_init(init: bool | str) -> bool:
+    """PiSSA ("pissa", "pissa_niter_N") and OLoRA (any case): inits that move W's principal part into the adapter,
+    leaving the base the residual W - s·B₀A₀."""
+    return isinstance(init, str) and (init.startswith("pissa") or init.lower() == "olora")
+
+
+def base_rewrite_warning(new: LoraConfig, existing: list[LoraConfig]) -> str | None:
+    """PEFT's warning when an adapter whose init rewrote the base (PiSSA, CorDA, OLoRA: W becomes W - s·B₀A₀) shares
+    the model with others, which then compute on that residual. Loaded ones are plain LoRA here (init True), so only
+    adapters created in this process count."""
+    if not existing:
+        return None
+    inits = [c.init_lora_weights for c in [new, *existing] if isinstance(c.init_lora_weights, str)]
+    for method, name, anchor in (
+        ("pissa", "PiSSA", "pissa_finetuning#convert-pissa-to-lora"),
+        ("corda", "CorDA", "corda_finetuning#convert-corda-to-lora"),
+        ("olora", "OLoRA", "olora_finetuning#olora-and-lora"),
+    ):
+        if any(i.lower() == method or (method == "pissa" and i.startswith("pissa")) for i in inits):
+            return (
+                f"{name} changes the base weights of the model and should thus not be used with other adapters. "
+                f"Consider converting the {name} adapter into a normal LoRA adapter: "
+                f"https://github.com/huggingface/peft/tree/main/examples/{anchor}"
+            )
+    return None
+
+
+def orthogonal_factors(r: int, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "orthogonal" init (datta0.github.io/posts/rethink-lora-init): the odd and even rows of one random r×r
+    orthogonal Q give A and B row spaces that are orthogonal, so B A = 0 while neither factor is zero. Draws the
+    same random numbers, in the same order, as PEFT."""
+    if r % 2:
+        raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+    Q, _ = torch.linalg.qr(torch.randn(r, r))
+    A = torch.randn(n_in, r // 2).mm(Q[0::2]).T / 10.0  # A = Q_oddᵀ Xᵀ (r×in)
+    B = torch.randn(r // 2, n_out).T.mm(Q[1::2]) / 10.0  # B = Y Q_even (out×r): B A = Y (Q_even Q_oddᵀ) Xᵀ = 0
+    return A.contiguous(), B.contiguous()
+
+
 class Magnitude(nn.Module):
     """DoRA's trained magnitude m (one entry per output) of one adapter, held as `.weight` so that parameter names
     are PEFT's (`lora_magnitude_vector.<adapter>.weight`)."""
@@ -78,6 +117,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.merged_adapters: list[str] = []
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}  # PEFT's name: factors a method keeps fixed
         self.state = state
         self._stacked: tuple = (None, None, None)  # (key, factors, source tensors) for mixed batches; see _stack
         # DoRA: ||W||² per output (W is frozen) and each adapter's norm, with the tensor versions they were computed
@@ -165,17 +205,43 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_bias[name], self.use_dora[name] = config.lora_bias, config.use_dora
         init = config.init_lora_weights
+        kind = init.lower() if isinstance(init, str) else init
+        if kind == "mica" and config.use_dora:
+            raise ValueError("init_lora_weights='mica' cannot be combined with use_dora=True (as in PEFT)")
         with torch.no_grad():
             if init is False:
                 pass
-            elif self.is_embedding:  # embeddings: A = 0, B ~ N(0, 1)
+            elif kind == "mica":  # A = 0, B = the minor left singular vectors of W, frozen: only A trains
+                A0, B0 = self.mica_factors(r)
+                A.copy_(A0), B.copy_(B0)
+                self.frozen_peft_weight_names[name] = ("lora_embedding_B" if self.is_embedding else "lora_B",)
+                B.requires_grad_(False)
+            elif self.is_embedding:  # embeddings: A = 0, B ~ N(0, 1) (PEFT does this for every other init too)
                 nn.init.zeros_(A), nn.init.normal_(B)
-            elif init == "gaussian":
+            elif kind == "gaussian":
                 nn.init.normal_(A, std=1 / r), nn.init.zeros_(B)
-            elif init in ("pissa", "olora"):
+            elif is_principal_init(init):
                 A0, B0 = self.principal_factors(init, r, self.scaling[name])
                 A.copy_(A0), B.copy_(B0)
                 self.set_base_weight(dense_weight(self.base_layer).float() - self.scaling[name] * self._layout(B0 @ A0))
+            elif kind == "corda":
+                A0, B0 = self.corda_factors(r, self.scaling[name])
+                A.copy_(A0), B.copy_(B0)
+                self.set_base_weight(dense_weight(self.base_layer).float() - self.scaling[name] * self._layout(B0 @ A0))
+                del self.base_layer.eigens  # used once; PEFT drops it too, so it is never saved with the model
+            elif kind == "orthogonal":
+                A0, B0 = orthogonal_factors(r, self.in_features, self.out_features)
+                # PEFT rounds them to a float base's dtype before any autocast to fp32; so do we, for equal numbers.
+                rounded = w.dtype if w.dtype.is_floating_point else A.dtype  # a 4-bit base stores uint8
+                A.copy_(A0.to(rounded)), B.copy_(B0.to(rounded))
+            elif kind == "eva":  # PEFT: B = 0 and A keeps nn.Linear's draw; the data-driven step is a separate call
+                nn.init.zeros_(B)
+                warnings.warn(
+                    "init_lora_weights='eva': the layers start as PEFT builds them before initialize_lora_eva_weights "
+                    "(B = 0), which smolpeft does not implement; unless trained EVA weights are loaded into it, this "
+                    "adapter trains as plain LoRA",
+                    stacklevel=4,
+                )
             else:  # True: A Kaiming-uniform, B = 0, so the adapter starts as the identity
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
             if config.lora_bias and init is not False:
@@ -185,19 +251,81 @@ class LoraLayer(nn.Module):
             self.lora_magnitude_vector[name] = Magnitude(m)
 
     def principal_factors(self, kind: str, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA (top-r SVD) or OLoRA (QR) factors (A₀, B₀) of the base weight, with s·B₀A₀ its principal part.
+        """PiSSA (top-r SVD; "pissa_niter_N": torch's randomized SVD with N iterations) or OLoRA (QR) factors
+        (A₀, B₀) of the base weight, with s·B₀A₀ its principal part.
         Pure: the caller decides whether the base becomes the residual W - s·B₀A₀."""
         if self.is_embedding or is_quantized(self.base_layer):
             raise ValueError(f"init_lora_weights={kind!r} needs a full-precision Linear or Conv1D base layer")
         Wm = self._layout(self.base_layer.weight.data).float()  # out×in
+        if kind.lower() == "olora":  # OLoRA keeps Q and R unscaled (PEFT's definition), so the base loses s·Q_r R_r
+            Q, R = torch.linalg.qr(Wm)
+            return R[:r].contiguous(), Q[:, :r].contiguous()
         if kind == "pissa":
             U, S, Vh = torch.linalg.svd(Wm, full_matrices=False)
-            root = S[:r].sqrt() / math.sqrt(s)
-            B, A = U[:, :r] * root, root[:, None] * Vh[:r]
-        else:  # OLoRA keeps Q and R unscaled (PEFT's definition), so the base loses s·Q_r R_r
-            Q, R = torch.linalg.qr(Wm)
-            B, A = Q[:, :r], R[:r]
-        return A.contiguous(), B.contiguous()
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:  # random projections: the top r only approximately, as in PEFT (and as random as its draw)
+            U, S, V = torch.svd_lowrank(Wm, r, niter=int(kind.split("_niter_")[1]))
+            Vh = V.T
+        root = S.sqrt() / math.sqrt(s)  # s·B₀A₀ = U S Vh: each factor carries √(S/s)
+        return (root[:, None] * Vh).contiguous(), (U * root).contiguous()
+
+    def mica_factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiCA (minor component adaptation): A₀ = 0 and B₀ = the r left singular vectors of W (out×in) with the
+        smallest singular values. B₀A₀ = 0, so the base is not touched; training moves A within that subspace."""
+        w = self.base_layer.weight
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or is_quantized(self.base_layer):
+            raise TypeError("Please initialize MiCA under float32, float16, or bfloat16.")
+        Wm = self._layout(w.data).float()
+        if r > min(Wm.shape):
+            what = "min(num_embeddings, embedding_dim)" if self.is_embedding else "min(in_features, out_features)"
+            raise ValueError(
+                f"MiCA requires `r` <= {what} but got r={r} for a layer with weight shape {tuple(w.shape)} "
+                f"(max usable r is {min(Wm.shape)})."
+            )
+        U = torch.linalg.svd(Wm, full_matrices=False)[0]
+        # PEFT stores them in the base dtype first (then autocasts); round the same way for equal numbers.
+        return Wm.new_zeros(r, Wm.shape[1]).to(w.dtype), U[:, -r:].to(w.dtype).contiguous()
+
+    def corda_factors(self, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """CorDA: A₀ = √(S/s)·Vᵀ, B₀ = U·√(S/s) from the context-oriented SVD that `preprocess_corda` left on the base
+        layer (`eigens`: U out×r, S r, V in×r), so that s·B₀A₀ = U S Vᵀ."""
+        eig = getattr(self.base_layer, "eigens", None)
+        if eig is None:
+            raise ValueError(
+                "`eigens` attribute not found for layer, please run `preprocess_corda` first. "
+                "More information can be found at examples/corda_finetuning/README.md."
+            )
+        w = self.base_layer.weight
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16) or is_quantized(self.base_layer):
+            raise TypeError(
+                "Please initialize CorDA under float32, float16, or bfloat16. "
+                "Subsequently, re-quantize the residual model to help minimize quantization errors."
+            )
+        U, S, V = eig.U_WC, eig.S_WC, eig.V_WC
+        for label, t in (("S", S), ("U", U), ("V", V)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"Invalid value found in matrix {label} (CorDA's decomposition is not finite).")
+        hint = (
+            "Please make sure the `lora_config` and `model` argument of `preprocess_corda` is consistent with "
+            "`get_peft_model`. If you're using cache in `preprocess_corda`, please make sure the cache is built with "
+            "the same model and LoRA rank."
+        )
+        if U.shape != (self.out_features, r):
+            raise ValueError(f"Matrix U size mismatch: {U.size()} vs. ({self.out_features}, {r}). {hint}")
+        if S.shape != (r,):
+            raise ValueError(f"Matrix S size mismatch: {S.size()} vs. ({r},). {hint}")
+        if V.shape != (self.in_features, r):
+            raise ValueError(f"Matrix V size mismatch: {V.size()} vs. ({self.in_features}, {r}). {hint}")
+        root = (S.float() / s).sqrt()
+        return (V.float().T * root[:, None]).contiguous(), (U.float() * root).contiguous()
+
+    def frozen_params(self, name: str) -> list[nn.Parameter]:
+        """Tensors of adapter `name` that its method keeps fixed (MiCA's B): never trained, even when active."""
+        out = []
+        for attr in self.frozen_peft_weight_names.get(name, ()):
+            t = getattr(self, attr)[name]
+            out += list(t.parameters()) if isinstance(t, nn.Module) else [t]
+        return out
 
     def _layout(self, w: torch.Tensor) -> torch.Tensor:
         """Between LoRA's out×in view and the base's storage (transposed for Conv1D and Embedding)."""
@@ -461,6 +589,7 @@ class LoraLayer(nn.Module):
             _discard(d, name)
         for d in (self.scaling, self.r, self.lora_alpha, self.use_dora, self.lora_bias, self._norms):
             d.pop(name, None)
+        self.frozen_peft_weight_names.pop(name, None)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"

@@ -382,7 +382,7 @@ class PeftModel(nn.Module):
         weights = checkpoint.read_weights(path, device=device)
         config.inference_mode = not is_trainable
         original = config
-        if getattr(config, "init_lora_weights", None) in ("pissa", "olora"):
+        if checkpoint.is_principal(config):
             config = checkpoint.principal_config(config)
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast)
         try:
@@ -463,8 +463,10 @@ class PeftModel(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_known(name)
+            # as PEFT, factors the method keeps fixed (MiCA's B) stay frozen
+            frozen = {id(p) for _, m in lora.lora_layers(self.base_model.model) for p in m.frozen_params(name)}
             for p in self.base_model.adapter_parameters(name):
-                p.requires_grad_(requires_grad)
+                p.requires_grad_(requires_grad and id(p) not in frozen)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether the adapter is an additive W + ΔW update that can be written as LoRA: it already is, for LoRA."""

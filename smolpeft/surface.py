@@ -24,7 +24,6 @@ UNSUPPORTED_CONFIGS = [
     "CPTConfig",
     "DeftConfig",
     "DeloraConfig",
-    "EvaConfig",
     "FourierFTConfig",
     "FrodConfig",
     "GloraConfig",

@@ -71,6 +71,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         if adapter_name == lora.BASE:
             raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
+        msg = lora.base_rewrite_warning(config, list(self.peft_config.values()))
+        if msg:
+            warnings.warn(msg, stacklevel=3)
         self.peft_config[adapter_name] = config
         try:
             heads = list(config.modules_to_save or [])
@@ -149,6 +152,10 @@ class LoraModel(nn.Module):
             if train:
                 for p in trained_biases(self.model, config.bias):
                     p.requires_grad_(True)
+        for _, m in lora.lora_layers(self.model):  # factors a method keeps fixed (MiCA's B) never train
+            for name in m.frozen_peft_weight_names:
+                for p in m.frozen_params(name):
+                    p.requires_grad_(False)
 
     # --- merging ----------------------------------------------------------------------------------------------
 

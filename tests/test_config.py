@@ -119,7 +119,7 @@ def test_bad_files(tmp_path):
         dict(target_parameters=["w"]),
         dict(trainable_token_indices=[1]),
         dict(layer_replication=[(0, 2)]),
-        dict(init_lora_weights="corda"),
+        dict(init_lora_weights="lora_ga"),
     ],
 )
 def test_refuses_features_it_does_not_implement(kw, tmp_path):
