@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METHODS = ("lora", "dora", "qlora", "prompt", "full")  # dora: LoRA with use_dora=True
+SHARDED_LOAD = ("lora",)  # methods whose base --fsdp reads rank by rank (the others load it whole on every rank)
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
 STATE_NAME = "trainer_state.pt"
 RUN_PATTERNS = ("checkpoint-*", "metrics.jsonl")  # what a run directory gains while it trains
@@ -500,8 +501,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data}, allow_nonempty=own_resume
     )
     labels = ds.labels if ds.kind == TaskType.SEQ_CLS else None
+    # Under fsdp each rank reads only its shard of the base (shard.fill, after sharding); methods whose adapters are
+    # initialised from the base weights (DoRA's magnitude, prompt tuning's vocabulary init) still load it whole.
+    sharded_load = cfg.fsdp and world > 1 and cfg.method in SHARDED_LOAD and ds.kind == TaskType.CAUSAL_LM
     base, tok, _, _ = load(
-        model_path, task_type=ds.kind, labels=labels, quantize="nf4" if cfg.method == "qlora" else None
+        model_path,
+        task_type=ds.kind,
+        labels=labels,
+        quantize="nf4" if cfg.method == "qlora" else None,
+        device="meta" if sharded_load else None,
     )
     model = prepare(base, cfg, ds.kind, model_path)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -549,9 +557,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}"
     )
     runner = TrainingLoss(model)
-    evaluator, fsdp_local = runner, None
+    evaluator, fsdp_local, fsdp_read = runner, None, None
     if world > 1 and cfg.fsdp:
         fsdp_local = shard_frozen_base(runner, params, world)
+        if sharded_load:
+            from .shard import fill
+
+            fsdp_read = fill(base, runner, model_path, rank, world, device)
+            log(f"fsdp: read {fsdp_read / 2**20:,.1f} MiB of the base from {model_path} on this rank")
         model.to(device)  # what sharding left behind: the adapters, buffers
         log(f"fsdp: frozen base sharded over {world} ranks, {fsdp_local:,} base elements on this rank")
     elif cfg.fsdp:
@@ -692,6 +705,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "total_params": n_all,
         "trainable_pct": 100 * n_train / n_all,
         "fsdp_local_base_elements": fsdp_local,
+        "fsdp_base_bytes_read": fsdp_read,  # this rank's reads under sharded loading (None: loaded whole)
+        "peak_rss_mb_per_rank": _gather(peak_rss_mb(), world),
         "truncated": {"train": n_trunc, "eval": n_trunc_eval},
         "before": state.get("before"),
         "after": after,
@@ -713,6 +728,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     _barrier(world)
     log("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
     return summary
+
+
+def _gather(value: float, world: int) -> list[float]:
+    """`value` from every rank, in rank order (one process: a list of one)."""
+    if world == 1:
+        return [value]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def _barrier(world: int) -> None:

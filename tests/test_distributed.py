@@ -92,6 +92,9 @@ def test_fsdp_shards_the_frozen_base_and_matches_one_process(lm, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(lm / "base")
     n_base = sum(p.numel() for p in base.parameters())
     assert n_base / 2 <= summary["fsdp_local_base_elements"] <= n_base / 2 + 2000
+    # ... and read only that half from the checkpoint (sharded loading: built on meta, rows read per rank)
+    assert 4 * n_base / 2 - 8000 <= summary["fsdp_base_bytes_read"] <= 4 * n_base / 2 + 8000
+    assert len(summary["peak_rss_mb_per_rank"]) == 2
     assert sorted(p.name for p in (tmp_path / "fsdp").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     # resuming the sharded run from its checkpoint lands on the same weights
     resumed = _run(cfg | {"output_dir": str(tmp_path / "fsdp"), "resume": str(tmp_path / "fsdp/checkpoint-3")}, nproc=2)
