@@ -96,12 +96,14 @@ def load(
     has_tok = adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json"))
     tok = load_tokenizer(adapter if has_tok else base)
 
-    if device == "meta" and (adapter or task_type != TaskType.CAUSAL_LM or quantize is not None):
-        raise ValueError("device='meta' (sharded loading) builds a causal LM base, without an adapter or quantization")
+    if device == "meta" and (adapter or task_type != TaskType.CAUSAL_LM):
+        raise ValueError("device='meta' (sharded loading) builds a causal LM base, without an adapter")
     if device == "meta":
-        from .shard import skeleton
+        from .shard import skeleton, to_4bit
 
         model = skeleton(transformers.AutoModelForCausalLM, base, dtype)
+        if quantize == "nf4":
+            to_4bit(model)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
         return Loaded(model.eval(), tok, task_type, base)

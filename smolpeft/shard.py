@@ -27,6 +27,45 @@ def skeleton(model_class, base: str, dtype: torch.dtype | None = None, **config_
         return model_class.from_config(config, dtype=dtype)
 
 
+def repeated_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks: the heaviest nn.ModuleList of more than one module (FSDP's shard units)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise ValueError("fsdp: found no repeated blocks (an nn.ModuleList of layers) to shard in this model")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def to_4bit(model: nn.Module, storage: torch.dtype = torch.float32) -> nn.Module:
+    """Swap every nn.Linear of the (meta) decoder blocks for a meta bitsandbytes Linear4bit, as transformers'
+    4-bit loading converts them (the head and embeddings stay in full precision). The packed NF4 bytes are stored as
+    `storage` (bitsandbytes' quant_storage): FSDP shards and all-gathers them like any float tensor; `fill`
+    quantizes each weight and keeps this rank's rows of the packed bytes."""
+    import bitsandbytes as bnb
+
+    for block in repeated_blocks(model):
+        for path, m in list(block.named_modules()):
+            if type(m) is not nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(
+                m.in_features,
+                m.out_features,
+                bias=m.bias is not None,
+                compute_dtype=torch.float32,  # as qlora.bnb_config
+                quant_type="nf4",
+                quant_storage=storage,
+                device="meta",
+            )
+            n = m.in_features * m.out_features
+            # two 4-bit codes a byte, then viewed as `storage`: bitsandbytes' packed shape, (bytes / itemsize, 1)
+            rows = (n + 1) // 2 // storage.itemsize
+            q.weight = nn.Parameter(torch.empty(rows, 1, dtype=storage, device="meta"), requires_grad=False)
+            # bitsandbytes repacks CPU weights in place for its inference kernel on the first no-grad forward; a
+            # gathered FSDP copy is freed after use, so that layout would not stick (and the quant_state would lie)
+            q.support_avx512bf16_for_cpu = False
+            block.set_submodule(path, q)
+    return model
+
+
 def weight_files(base: str) -> dict[str, str]:
     """Tensor name -> the safetensors file under `base` that holds it (one file or an index of several)."""
     index = os.path.join(base, "model.safetensors.index.json")
@@ -50,14 +89,16 @@ def file_key(name: str) -> str:
 @torch.no_grad()
 def fill(model: nn.Module, root: nn.Module, base: str, rank: int, world: int, device: str = "cpu") -> int:
     """Materialise the meta tensors of `model` (already under `root`'s `fully_shard`) on `device` and read this
-    rank's rows of each from `base`'s safetensors files. Returns the number of base bytes this rank read."""
+    rank's rows of each from `base`'s safetensors files. Returns the base bytes this rank holds (4-bit: packed)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
     # What is still on meta is the base; the adapters are real already. Non-persistent buffers (rotary inv_freq) are
     # not in the file: transformers' own _init_weights recomputes them, as from_pretrained does.
     meta = [(n, t) for n, t in model.named_parameters() if t.is_meta]
-    persistent = [(n, b) for n, b in model.named_buffers() if b.is_meta and n.rsplit(".", 1)[-1] not in _transient(model, n)]
+    persistent = [
+        (n, b) for n, b in model.named_buffers() if b.is_meta and n.rsplit(".", 1)[-1] not in _transient(model, n)
+    ]
     recompute = [m for m in model.modules() if any(b.is_meta for b in m.buffers(recurse=False))]
     if any(list(m.parameters(recurse=False)) for m in recompute):
         raise ValueError("sharded loading: a module holds both weights and computed buffers; load without --fsdp")
@@ -84,9 +125,15 @@ def fill(model: nn.Module, root: nn.Module, base: str, rank: int, world: int, de
             raise ValueError(f"sharded loading: {name} is not sharded; fully_shard the model before fill")
         local, rows = t.to_local(), t.shape[0]
         start = min(rank * math.ceil(rows / world), rows)
-        part = read(name)[start : start + local.shape[0]]
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        if type(owner).__name__ == "Linear4bit" and name.endswith("weight"):
+            part = _quantize_rows(owner, read(name)[:], t, start, local.shape[0])
+        else:
+            part = read(name)[start : start + local.shape[0]]
         if tuple(part.shape) != tuple(local.shape):
-            raise ValueError(f"sharded loading: {name} rows from {start} have shape {tuple(part.shape)}, shard {local.shape}")
+            raise ValueError(
+                f"sharded loading: {name} rows from {start} have shape {tuple(part.shape)}, shard {local.shape}"
+            )
         local.copy_(part)
         n_bytes += part.numel() * part.element_size()
     for name, _ in persistent:  # buffers are not sharded: every rank reads them whole (they are small)
@@ -99,3 +146,18 @@ def fill(model: nn.Module, root: nn.Module, base: str, rank: int, world: int, de
 def _transient(model: nn.Module, name: str) -> set[str]:
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     return parent._non_persistent_buffers_set
+
+
+def _quantize_rows(layer: nn.Module, dense: torch.Tensor, packed: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """NF4-quantize one whole weight (every rank does, deterministically: the absmax statistics span the tensor, and
+    double quantization spans all of them), keep the quant_state on the layer for bitsandbytes to find after each
+    all-gather, and return rows [start, start + n) of the packed bytes."""
+    import bitsandbytes.functional as F
+
+    q, state = F.quantize_4bit(
+        dense.to(packed.device), blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=packed.dtype
+    )
+    if tuple(q.shape) != tuple(packed.shape):
+        raise ValueError(f"4-bit sharded loading: packed shape {tuple(q.shape)}, expected {tuple(packed.shape)}")
+    layer.quant_state = state
+    return q[start : start + n]  # the whole q is dropped on return: a rank keeps one weight's bytes at a time

@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METHODS = ("lora", "dora", "qlora", "prompt", "full")  # dora: LoRA with use_dora=True
-SHARDED_LOAD = ("lora",)  # methods whose base --fsdp reads rank by rank (the others load it whole on every rank)
+SHARDED_LOAD = (
+    "lora",
+    "qlora",
+)  # methods whose base --fsdp reads rank by rank (the others load it whole on every rank)
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
 STATE_NAME = "trainer_state.pt"
 RUN_PATTERNS = ("checkpoint-*", "metrics.jsonl")  # what a run directory gains while it trains
@@ -164,10 +167,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "r", "num_virtual_tokens", "max_length", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.fsdp and self.method in ("full", "qlora"):
+        if self.fsdp and self.method == "full":
             raise ValueError(
-                f"fsdp shards a frozen base under LoRA or prompt tuning; method={self.method!r} is not supported "
-                "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)"
+                f"fsdp shards a frozen base under LoRA, QLoRA or prompt tuning; method={self.method!r} is not "
+                "supported (full fine-tuning has no frozen base)"
             )
         if self.loraplus_ratio is not None and (
             self.loraplus_ratio <= 0 or self.method not in ("lora", "dora", "qlora")
@@ -440,13 +443,11 @@ def shard_frozen_base(runner: nn.Module, trainable: list[torch.Tensor], world: i
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from .shard import repeated_blocks
+
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
     ignored = set(trainable)
-    lists = [m for m in runner.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    if not lists:
-        raise ValueError("fsdp: found no repeated blocks (an nn.ModuleList of layers) to shard in this model")
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    for block in blocks:
+    for block in repeated_blocks(runner):
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(runner, mesh=mesh, ignored_params=ignored)
     return sum(p.to_local().numel() for p in runner.parameters() if isinstance(p, DTensor))
@@ -504,6 +505,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     # Under fsdp each rank reads only its shard of the base (shard.fill, after sharding); methods whose adapters are
     # initialised from the base weights (DoRA's magnitude, prompt tuning's vocabulary init) still load it whole.
     sharded_load = cfg.fsdp and world > 1 and cfg.method in SHARDED_LOAD and ds.kind == TaskType.CAUSAL_LM
+    if cfg.fsdp and world > 1 and cfg.method == "qlora" and not sharded_load:
+        # bitsandbytes' own uint8 Params4bit carry their quant_state on the tensor, which sharding drops
+        raise ValueError("fsdp with method='qlora' shards causal LMs only (4-bit weights are quantized as they load)")
     base, tok, _, _ = load(
         model_path,
         task_type=ds.kind,
@@ -557,14 +561,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}"
     )
     runner = TrainingLoss(model)
-    evaluator, fsdp_local, fsdp_read = runner, None, None
+    evaluator, fsdp_local, fsdp_bytes = runner, None, None
     if world > 1 and cfg.fsdp:
         fsdp_local = shard_frozen_base(runner, params, world)
         if sharded_load:
             from .shard import fill
 
-            fsdp_read = fill(base, runner, model_path, rank, world, device)
-            log(f"fsdp: read {fsdp_read / 2**20:,.1f} MiB of the base from {model_path} on this rank")
+            fsdp_bytes = fill(base, runner, model_path, rank, world, device)
+            log(f"fsdp: loaded this rank's {fsdp_bytes / 2**20:,.1f} MiB of the base from {model_path}")
         model.to(device)  # what sharding left behind: the adapters, buffers
         log(f"fsdp: frozen base sharded over {world} ranks, {fsdp_local:,} base elements on this rank")
     elif cfg.fsdp:
@@ -705,7 +709,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "total_params": n_all,
         "trainable_pct": 100 * n_train / n_all,
         "fsdp_local_base_elements": fsdp_local,
-        "fsdp_base_bytes_read": fsdp_read,  # this rank's reads under sharded loading (None: loaded whole)
+        "fsdp_local_base_bytes": fsdp_bytes,  # this rank's base bytes under sharded loading (None: loaded whole)
         "peak_rss_mb_per_rank": _gather(peak_rss_mb(), world),
         "truncated": {"train": n_trunc, "eval": n_trunc_eval},
         "before": state.get("before"),
