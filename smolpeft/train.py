@@ -358,6 +358,15 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc; elsewhere the peak, which only makes differences from it conservative)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
 def pyplot() -> ModuleType:
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
@@ -477,6 +486,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     Under torchrun every rank runs this function: the global batch (batch_size per rank x ranks x grad_accum) is
     cut in rank slices, gradients of the trainable parameters are averaged by DDP, and rank 0 alone writes files.
     """
+    import transformers
     from tqdm.auto import tqdm
 
     # --- setup -------------------------------------------------------------------------------------------------
@@ -508,6 +518,20 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     if cfg.fsdp and world > 1 and cfg.method == "qlora" and not sharded_load:
         # bitsandbytes' own uint8 Params4bit carry their quant_state on the tensor, which sharding drops
         raise ValueError("fsdp with method='qlora' shards causal LMs only (4-bit weights are quantized as they load)")
+    if cfg.fsdp and world > 1:
+        from . import shard  # FSDP's own imports (~40 MB) land before the measure below, not in it
+
+        if not torch.cuda.is_available():
+            shard.pin_mmap_threshold()  # gathered blocks live in host memory: give them back when freed
+    # the model's code, too: importing a transformers architecture costs ~90 MB, which is not the base's
+    mapping = (
+        transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+        if ds.kind == TaskType.SEQ_CLS
+        else transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    with contextlib.suppress(KeyError, ValueError, OSError):
+        mapping[type(transformers.AutoConfig.from_pretrained(model_path))]
+    rss_before_base = current_rss_mb()
     base, tok, _, _ = load(
         model_path,
         task_type=ds.kind,
@@ -579,6 +603,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         # DDP registers hooks only on parameters that require grad: the frozen base is never synchronised.
         runner = DDP(runner, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
 
+    base_rss = peak_rss_mb() - rss_before_base  # what holding the base (whole, or this rank's shard) cost this rank
     state = {"step": 0, "epoch": 0, "batch": 0, "best_eval": float("inf"), "bad_evals": 0, "tokens": 0}
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics: list[dict] = []
@@ -711,6 +736,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "fsdp_local_base_elements": fsdp_local,
         "fsdp_local_base_bytes": fsdp_bytes,  # this rank's base bytes under sharded loading (None: loaded whole)
         "peak_rss_mb_per_rank": _gather(peak_rss_mb(), world),
+        "base_rss_mb_per_rank": _gather(base_rss, world),  # peak RSS from loading the base to the first step
         "truncated": {"train": n_trunc, "eval": n_trunc_eval},
         "before": state.get("before"),
         "after": after,
