@@ -79,7 +79,8 @@ def load(
     task_type: default from the adapter's config, else from the base's architecture. labels: the classification
     head's label names in order; default the adapter's saved labels (a head of another size is replaced). quantize:
     "nf4" loads the base in 4-bit (bitsandbytes). device: where to put the model (default: where transformers
-    loads it). The tokenizer comes from the adapter directory when it holds one, else from the base.
+    loads it); "meta" builds the model without reading any weight, for sharded training (`shard.fill` reads each
+    rank's part later). The tokenizer comes from the adapter directory when it holds one, else from the base.
     """
     import transformers
 
@@ -95,6 +96,17 @@ def load(
     has_tok = adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json"))
     tok = load_tokenizer(adapter if has_tok else base)
 
+    if device == "meta" and (adapter or task_type != TaskType.CAUSAL_LM):
+        raise ValueError("device='meta' (sharded loading) builds a causal LM base, without an adapter")
+    if device == "meta":
+        from .shard import skeleton, to_4bit
+
+        model = skeleton(transformers.AutoModelForCausalLM, base, dtype)
+        if quantize == "nf4":
+            to_4bit(model)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+        return Loaded(model.eval(), tok, task_type, base)
     kw: dict = {"dtype": dtype} if dtype is not None else {}
     if quantize == "nf4":
         from .qlora import bnb_config

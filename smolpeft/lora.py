@@ -190,7 +190,9 @@ class LoraLayer(nn.Module):
         # updates of size lr·grad vanish in bf16. fp32=False keeps a half-precision base's dtype.
         floating = w.dtype.is_floating_point and w.dtype.itemsize >= 2 and not is_quantized(self.base_layer)
         dtype = w.dtype if (w.dtype == torch.float64 or not fp32) and floating else torch.float32
-        kw = dict(device=w.device, dtype=dtype)
+        # A base on the meta device (sharded loading, whose weights arrive later) gets real adapters, drawn now from
+        # the same RNG stream as on a loaded base.
+        kw = dict(device="cpu" if w.is_meta else w.device, dtype=dtype)
         self.scaling[name], self.r[name], self.lora_alpha[name] = config.scaling(r, alpha), r, alpha
         # Built as PEFT builds them (nn.Linear draws Kaiming-uniform, embeddings randn), so that a seeded script draws
         # the same numbers in both libraries; init=False keeps exactly these values.

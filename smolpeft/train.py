@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METHODS = ("lora", "dora", "qlora", "prompt", "full")  # dora: LoRA with use_dora=True
+SHARDED_LOAD = (
+    "lora",
+    "qlora",
+)  # methods whose base --fsdp reads rank by rank (the others load it whole on every rank)
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 5e-5}
 STATE_NAME = "trainer_state.pt"
 RUN_PATTERNS = ("checkpoint-*", "metrics.jsonl")  # what a run directory gains while it trains
@@ -163,10 +167,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "r", "num_virtual_tokens", "max_length", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.fsdp and self.method in ("full", "qlora"):
+        if self.fsdp and self.method == "full":
             raise ValueError(
-                f"fsdp shards a frozen base under LoRA or prompt tuning; method={self.method!r} is not supported "
-                "(full fine-tuning has no frozen base, and 4-bit bitsandbytes weights cannot be sharded)"
+                f"fsdp shards a frozen base under LoRA, QLoRA or prompt tuning; method={self.method!r} is not "
+                "supported (full fine-tuning has no frozen base)"
             )
         if self.loraplus_ratio is not None and (
             self.loraplus_ratio <= 0 or self.method not in ("lora", "dora", "qlora")
@@ -354,6 +358,15 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc; elsewhere the peak, which only makes differences from it conservative)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
 def pyplot() -> ModuleType:
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
@@ -439,13 +452,11 @@ def shard_frozen_base(runner: nn.Module, trainable: list[torch.Tensor], world: i
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from .shard import repeated_blocks
+
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
     ignored = set(trainable)
-    lists = [m for m in runner.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    if not lists:
-        raise ValueError("fsdp: found no repeated blocks (an nn.ModuleList of layers) to shard in this model")
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    for block in blocks:
+    for block in repeated_blocks(runner):
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(runner, mesh=mesh, ignored_params=ignored)
     return sum(p.to_local().numel() for p in runner.parameters() if isinstance(p, DTensor))
@@ -475,6 +486,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     Under torchrun every rank runs this function: the global batch (batch_size per rank x ranks x grad_accum) is
     cut in rank slices, gradients of the trainable parameters are averaged by DDP, and rank 0 alone writes files.
     """
+    import transformers
     from tqdm.auto import tqdm
 
     # --- setup -------------------------------------------------------------------------------------------------
@@ -500,8 +512,32 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         out_dir, cfg.overwrite, {"the base model": model_path, "the data": cfg.data}, allow_nonempty=own_resume
     )
     labels = ds.labels if ds.kind == TaskType.SEQ_CLS else None
+    # Under fsdp each rank reads only its shard of the base (shard.fill, after sharding); methods whose adapters are
+    # initialised from the base weights (DoRA's magnitude, prompt tuning's vocabulary init) still load it whole.
+    sharded_load = cfg.fsdp and world > 1 and cfg.method in SHARDED_LOAD and ds.kind == TaskType.CAUSAL_LM
+    if cfg.fsdp and world > 1 and cfg.method == "qlora" and not sharded_load:
+        # bitsandbytes' own uint8 Params4bit carry their quant_state on the tensor, which sharding drops
+        raise ValueError("fsdp with method='qlora' shards causal LMs only (4-bit weights are quantized as they load)")
+    if cfg.fsdp and world > 1:
+        from . import shard  # FSDP's own imports (~40 MB) land before the measure below, not in it
+
+        if not torch.cuda.is_available():
+            shard.pin_mmap_threshold()  # gathered blocks live in host memory: give them back when freed
+    # the model's code, too: importing a transformers architecture costs ~90 MB, which is not the base's
+    mapping = (
+        transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+        if ds.kind == TaskType.SEQ_CLS
+        else transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    with contextlib.suppress(KeyError, ValueError, OSError):
+        mapping[type(transformers.AutoConfig.from_pretrained(model_path))]
+    rss_before_base = current_rss_mb()
     base, tok, _, _ = load(
-        model_path, task_type=ds.kind, labels=labels, quantize="nf4" if cfg.method == "qlora" else None
+        model_path,
+        task_type=ds.kind,
+        labels=labels,
+        quantize="nf4" if cfg.method == "qlora" else None,
+        device="meta" if sharded_load else None,
     )
     model = prepare(base, cfg, ds.kind, model_path)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -549,9 +585,14 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         f"{world} ranks x {cfg.grad_accum} accumulation, lr {lr:g} {cfg.schedule}"
     )
     runner = TrainingLoss(model)
-    evaluator, fsdp_local = runner, None
+    evaluator, fsdp_local, fsdp_bytes = runner, None, None
     if world > 1 and cfg.fsdp:
         fsdp_local = shard_frozen_base(runner, params, world)
+        if sharded_load:
+            from .shard import fill
+
+            fsdp_bytes = fill(base, runner, model_path, rank, world, device)
+            log(f"fsdp: loaded this rank's {fsdp_bytes / 2**20:,.1f} MiB of the base from {model_path}")
         model.to(device)  # what sharding left behind: the adapters, buffers
         log(f"fsdp: frozen base sharded over {world} ranks, {fsdp_local:,} base elements on this rank")
     elif cfg.fsdp:
@@ -562,6 +603,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         # DDP registers hooks only on parameters that require grad: the frozen base is never synchronised.
         runner = DDP(runner, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
 
+    base_rss = peak_rss_mb() - rss_before_base  # what holding the base (whole, or this rank's shard) cost this rank
     state = {"step": 0, "epoch": 0, "batch": 0, "best_eval": float("inf"), "bad_evals": 0, "tokens": 0}
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     metrics: list[dict] = []
@@ -692,6 +734,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "total_params": n_all,
         "trainable_pct": 100 * n_train / n_all,
         "fsdp_local_base_elements": fsdp_local,
+        "fsdp_local_base_bytes": fsdp_bytes,  # this rank's base bytes under sharded loading (None: loaded whole)
+        "peak_rss_mb_per_rank": _gather(peak_rss_mb(), world),
+        "base_rss_mb_per_rank": _gather(base_rss, world),  # peak RSS from loading the base to the first step
         "truncated": {"train": n_trunc, "eval": n_trunc_eval},
         "before": state.get("before"),
         "after": after,
@@ -713,6 +758,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     _barrier(world)
     log("after:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
     return summary
+
+
+def _gather(value: float, world: int) -> list[float]:
+    """`value` from every rank, in rank order (one process: a list of one)."""
+    if world == 1:
+        return [value]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def _barrier(world: int) -> None:

@@ -92,6 +92,9 @@ def test_fsdp_shards_the_frozen_base_and_matches_one_process(lm, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(lm / "base")
     n_base = sum(p.numel() for p in base.parameters())
     assert n_base / 2 <= summary["fsdp_local_base_elements"] <= n_base / 2 + 2000
+    # ... and read only that half from the checkpoint (sharded loading: built on meta, rows read per rank)
+    assert 4 * n_base / 2 - 8000 <= summary["fsdp_local_base_bytes"] <= 4 * n_base / 2 + 8000
+    assert len(summary["peak_rss_mb_per_rank"]) == 2
     assert sorted(p.name for p in (tmp_path / "fsdp").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
     # resuming the sharded run from its checkpoint lands on the same weights
     resumed = _run(cfg | {"output_dir": str(tmp_path / "fsdp"), "resume": str(tmp_path / "fsdp/checkpoint-3")}, nproc=2)
@@ -105,6 +108,62 @@ def test_fsdp_shards_the_frozen_base_and_matches_one_process(lm, tmp_path):
 def test_fsdp_refuses_methods_without_a_frozen_base():
     from smolpeft.train import TrainConfig
 
-    for method in ("full", "qlora"):
-        with pytest.raises(ValueError, match=f"fsdp.*method='{method}'"):
-            TrainConfig(method=method, fsdp=True)
+    with pytest.raises(ValueError, match="fsdp.*method='full'"):
+        TrainConfig(method="full", fsdp=True)
+    assert TrainConfig(method="qlora", fsdp=True).fsdp  # QLoRA's 4-bit base shards too (sharded loading)
+
+
+def _quantized_bytes(model) -> int:
+    """Bytes of a base whose decoder-block Linear weights are NF4 (half a byte an element), the rest fp32."""
+    blocks = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    return sum(p.numel() // 2 if n.rsplit(".", 1)[0] in blocks else 4 * p.numel() for n, p in model.named_parameters())
+
+
+def test_fsdp_qlora_matches_one_process_qlora(lm, tmp_path):
+    one = _run(_cfg(lm, tmp_path / "one", 4, method="qlora"), nproc=1)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(_cfg(lm, tmp_path / "two", 2, method="qlora", fsdp=True), nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    # the same NF4 bytes on both sides (each rank quantizes each weight whole, then keeps its rows), so only the
+    # order of sums differs: far inside the quantization error (~1e-1 of a weight)
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-4)
+    a, b = read_weights(tmp_path / "one"), read_weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+    summary = json.loads((tmp_path / "two/summary.json").read_text())
+    n_bytes = _quantized_bytes(transformers.AutoModelForCausalLM.from_pretrained(lm / "base"))
+    assert n_bytes / 2 - 8000 <= summary["fsdp_local_base_bytes"] <= n_bytes / 2 + 8000  # half the 4-bit base
+
+
+def test_fsdp_rank_holds_half_the_base_in_memory(lm, tmp_path):
+    import tiny
+
+    # A base wide enough (~190 MB fp32, 16 blocks of 12 MB) that its size stands above the noise of RSS
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    wide = tmp_path / "wide"
+    tiny.tokenizer(wide)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(wide)
+    base_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    block_mb = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) / 2**20
+    del model
+    run = _cfg(lm, tmp_path / "fsdp", 2, fsdp=True) | {"model": str(wide), "max_steps": 1, "grad_accum": 1}
+    two = _run(run, nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    summary = json.loads((tmp_path / "fsdp/summary.json").read_text())
+    # Measured here: 2 ranks, a 185 MiB base -> 110 MiB per rank (its half, 93, plus a gathered block and gloo's
+    # buffers). Loading the whole base costs at least base_mb; the bound sits between, ~30 MiB above the measure.
+    for mb in summary["base_rss_mb_per_rank"]:
+        assert mb <= 0.75 * base_mb, (mb, base_mb, block_mb)
