@@ -234,7 +234,7 @@ class LoraConfig(PeftConfig):
     _refused: ClassVar[tuple[str, ...]] = (
         "megatron_config", "trainable_token_indices", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
         "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
-        "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
+        "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
