@@ -137,7 +137,16 @@ class LoraLayer(nn.Module):
             out.append(self.lora_magnitude_vector[name].weight)
         return out
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig, fp32: bool = True) -> None:
+    def add(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        config: LoraConfig,
+        fp32: bool = True,
+        tied_to: LoraLayer | None = None,
+    ) -> None:
         if config.lora_bias and self.is_embedding:
             raise ValueError("lora_bias=True is not supported for an Embedding base layer (as in PEFT)")
         if config.lora_bias and self.bias is None:
@@ -162,6 +171,8 @@ class LoraLayer(nn.Module):
             self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
             self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if tied_to is not None:  # ensure_weight_tying: A, B become views of the embedding's factors
+                A, B = self.tie(name, tied_to)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_bias[name], self.use_dora[name] = config.lora_bias, config.use_dora
         init = config.init_lora_weights
@@ -199,10 +210,10 @@ class LoraLayer(nn.Module):
             B, A = Q[:, :r], R[:r]
         return A.contiguous(), B.contiguous()
 
-    def tie(self, name: str, source: LoraLayer, init: bool | str) -> None:
+    def tie(self, name: str, source: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
         """Share adapter `name` with the embedding layer `source` whose weight is ours transposed (a tied LM head):
-        our A is B_embᵀ and our B is A_embᵀ, views of the same storage, so the two layers hold one ΔW. As in PEFT,
-        unless init=False, the head's freshly initialised factors are written through the views."""
+        our A is B_embᵀ and our B is A_embᵀ, views of the same storage, so the two layers hold one ΔW. Called by
+        `add` before the init, which then writes through the views, as PEFT's does."""
         eA, eB = source.factors(name)
         A, B = self.factors(name)
         if self.is_embedding or A.shape != eB.T.shape or B.shape != eA.T.shape:
@@ -211,12 +222,10 @@ class LoraLayer(nn.Module):
                 f"the input embedding's transposed factors are {tuple(eB.T.shape)}, {tuple(eA.T.shape)} "
                 "(tied layers need the same r)"
             )
-        with torch.no_grad():
-            if init is not False:
-                eB.T.copy_(A), eA.T.copy_(B)
         self.lora_A[name].weight = nn.Parameter(eB.data.T)
         self.lora_B[name].weight = nn.Parameter(eA.data.T)
         self._tied = {**getattr(self, "_tied", {}), name: source}
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _merged_through_tie(self, name: str) -> bool:
         """True when adapter `name` is tied to an embedding whose base weight is ours: the embedding's merge adds the
@@ -653,12 +662,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState,
             model.set_submodule(path, layer)
         r = pattern_value(path, config.rank_pattern, config.r)
         alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
-        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32)
+        source = None
         if path in tied and not layer.is_embedding:  # an embedding tied to the embedding gets its own, as in PEFT
             source = model.get_submodule(input_embedding_path(model))
             if not isinstance(source, LoraLayer) or name not in source.lora_embedding_A:
                 raise ValueError(f"ensure_weight_tying: the input embedding has no LoRA adapter {name!r} to tie to")
-            layer.tie(name, source, config.init_lora_weights)
+        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32, tied_to=source)
     if config.target_modules == "all-linear":
         config.target_modules = targets  # PEFT (0.21) saves the resolved full names, so the file loads on any version
     elif config.target_modules is None:
@@ -796,8 +805,11 @@ def plan_weight_tying(model: nn.Module, config: LoraConfig) -> None:
             stacklevel=4,
         )
         return
-    if config.use_dora:
-        raise ValueError("ensure_weight_tying=True with use_dora=True is not supported by smolpeft")
+    if config.use_dora or config.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(
+            f"ensure_weight_tying=True with use_dora={config.use_dora}, init_lora_weights={config.init_lora_weights!r} "
+            "is not supported by smolpeft (tied adapters support plain LoRA with init True, False or 'gaussian')"
+        )
     emb = input_embedding_path(model)
 
     def untie(names: list[str]) -> list[str]:
