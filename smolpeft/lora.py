@@ -851,3 +851,56 @@ def tie_modules_to_save(model: nn.Module, tied: list[str], name: str, state: Ada
             # deepcopy maps the original (tied) weight to the trained one: bias and module type are kept
             m.modules_to_save[name] = copy.deepcopy(m.original_module, {id(m.original_module.weight): weight})
             m.modules_to_save[name].requires_grad_(True)
+
+
+# --- target_parameters (LoRA on a module's nn.Parameter): checked, not implemented ------------------------------
+
+
+def matched_parameters(model: nn.Module, targets: list[str]) -> list[str]:
+    """`module.param` names that `target_parameters` matches (exact or dotted suffix, PEFT's rule), each parameter
+    named by the lowest module holding it."""
+    found = []
+    for path, m in model.named_modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            key = f"{_plain_name(path + '.')}{pname}" if path else pname
+            if key in targets or any(key.endswith("." + t) for t in targets):
+                found.append(key)
+    return found
+
+
+def check_target_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """target_parameters is accepted only where it would adapt nothing: PEFT's error when nothing at all is targeted,
+    its warning when only the modules match; a parameter it does match is refused (smolpeft has no ParamWrapper)."""
+    if not config.target_parameters:
+        return
+    found = matched_parameters(model, config.target_parameters)
+    if found and config.target_modules:
+        try:
+            targeted = set(resolve_targets(model, config))
+        except (TypeError, ValueError):  # the module side fails with its own error when injected
+            targeted = set()
+        for key in found:
+            path = key.rpartition(".")[0]
+            if path in targeted:
+                raise ValueError(
+                    f"Trying to wrap an `nn.Parameter` of layer '{path}' of type "
+                    f"{type(model.get_submodule(path)).__name__}, which is not a valid target. Make sure that this "
+                    "layer is not also targeted with `target_modules`."
+                )
+    if found:
+        raise ValueError(
+            f"LoraConfig: target_parameters={config.target_parameters!r} matches {found[:3]}; LoRA on an nn.Parameter "
+            "(target_parameters) is not supported by smolpeft: target the modules with target_modules instead"
+        )
+    spec = config.target_modules
+    no_default = spec is None and getattr(getattr(model, "config", None), "model_type", None) not in DEFAULT_TARGETS
+    if no_default or (spec is not None and not spec):
+        raise ValueError(
+            "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+            "these arguments."
+        )
+    warnings.warn(
+        f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+        RuntimeWarning,
+        stacklevel=4,
+    )

@@ -73,6 +73,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
         self.peft_config[adapter_name] = config
         try:
+            lora.check_target_parameters(self.model, config)
             lora.plan_weight_tying(self.model, config)  # may move tied modules to the input embedding in config
             heads = list(config.modules_to_save or [])
             if config.task_type == TaskType.SEQ_CLS.value:
