@@ -740,7 +740,7 @@ def _plain_name(name: str) -> str:
 def tied_module_names(model: nn.Module) -> list[str]:
     """Full names of the modules whose weight is tied to the input embedding, read from `_tied_weights_keys` as PEFT
     reads them: a list (transformers 4) or a target -> source dict (transformers 5, sub-modules' entries included).
-    None when the config says tie_word_embeddings=False: that checkpoint has untied weights."""
+    Empty when the config says tie_word_embeddings=False: that checkpoint has untied weights."""
     if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
         return []
     keys = getattr(model, "_tied_weights_keys", None)

@@ -137,3 +137,14 @@ def test_merge_and_unload_unties_a_diverged_config():
         with pytest.warns(UserWarning, match="Setting.*tie_word_embeddings"):
             merged = model.merge_and_unload()
         assert merged.config.tie_word_embeddings is False, lib.__name__
+
+
+def test_second_adapter_is_tied_too():
+    """PEFT 0.21 finds the tied head under its wrapped name for a second adapter and fails; here it ties again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _build(smolpeft, dict(LORA))
+        model.add_adapter("b", smolpeft.LoraConfig(r=2, target_modules=["v_proj", "lm_head"], ensure_weight_tying=True))
+    emb, head = model.base_model.model.model.embed_tokens, model.base_model.model.lm_head
+    assert head.lora_A["b"].weight.data_ptr() == emb.lora_embedding_B["b"].data_ptr()
+    assert head.lora_A["default"].weight.data_ptr() == emb.lora_embedding_B["default"].data_ptr()
