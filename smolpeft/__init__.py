@@ -19,6 +19,7 @@ from .config import (
     TaskType,
     load_config,
 )
+from .convert import convert_to_lora, save_as_lora
 from .loraplus import create_loraplus_optimizer
 from .model import (
     AutoPeftModel,
@@ -60,6 +61,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "convert_to_lora",
     "create_loraplus_optimizer",
     "get_peft_model",
     "get_base_model_state_dict",
@@ -69,5 +71,6 @@ __all__ = [
     "load_config",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "save_as_lora",
     "set_peft_model_state_dict",
 ]

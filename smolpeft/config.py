@@ -287,7 +287,7 @@ class LoraConfig(PeftConfig):
     _refused: ClassVar[tuple[str, ...]] = (
         "megatron_config", "trainable_token_indices", "loftq_config", "lora_ga_config",
         "velora_config", "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
-        "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying",
+        "use_bdlora", "arrow_config", "kasa_config",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -324,6 +324,8 @@ class LoraConfig(PeftConfig):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):  # PEFT keeps the int; lora.py matches against a list
             self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.layer_replication is not None and not self.layer_replication:
             self.layer_replication = None
 

@@ -177,7 +177,16 @@ class LoraLayer(nn.Module):
             out.append(self.lora_magnitude_vector[name].weight)
         return out
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig, fp32: bool = True) -> None:
+    def add(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        config: LoraConfig,
+        fp32: bool = True,
+        tied_to: LoraLayer | None = None,
+    ) -> None:
         if config.lora_bias and self.is_embedding:
             raise ValueError("lora_bias=True is not supported for an Embedding base layer (as in PEFT)")
         if config.lora_bias and self.bias is None:
@@ -204,6 +213,8 @@ class LoraLayer(nn.Module):
             self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
             self.lora_B[name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **kw)
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if tied_to is not None:  # ensure_weight_tying: A, B become views of the embedding's factors
+                A, B = self.tie(name, tied_to)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_bias[name], self.use_dora[name] = config.lora_bias, config.use_dora
         init = config.init_lora_weights
@@ -328,6 +339,29 @@ class LoraLayer(nn.Module):
             t = getattr(self, attr)[name]
             out += list(t.parameters()) if isinstance(t, nn.Module) else [t]
         return out
+
+    def tie(self, name: str, source: LoraLayer) -> tuple[nn.Parameter, nn.Parameter]:
+        """Share adapter `name` with the embedding layer `source` whose weight is ours transposed (a tied LM head):
+        our A is B_embᵀ and our B is A_embᵀ, views of the same storage, so the two layers hold one ΔW. Called by
+        `add` before the init, which then writes through the views, as PEFT's does."""
+        eA, eB = source.factors(name)
+        A, B = self.factors(name)
+        if self.is_embedding or A.shape != eB.T.shape or B.shape != eA.T.shape:
+            raise ValueError(
+                f"ensure_weight_tying: adapter {name!r} of the tied layer has A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                f"the input embedding's transposed factors are {tuple(eB.T.shape)}, {tuple(eA.T.shape)} "
+                "(tied layers need the same r)"
+            )
+        self.lora_A[name].weight = nn.Parameter(eB.data.T)
+        self.lora_B[name].weight = nn.Parameter(eA.data.T)
+        self._tied = {**getattr(self, "_tied", {}), name: source}
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _merged_through_tie(self, name: str) -> bool:
+        """True when adapter `name` is tied to an embedding whose base weight is ours: the embedding's merge adds the
+        one shared ΔW, so ours must not add it a second time."""
+        source = getattr(self, "_tied", {}).get(name)
+        return source is not None and source.base_layer.weight.data_ptr() == self.base_layer.weight.data_ptr()
 
     def _layout(self, w: torch.Tensor) -> torch.Tensor:
         """Between LoRA's out×in view and the base's storage (transposed for Conv1D and Embedding)."""
@@ -527,6 +561,9 @@ class LoraLayer(nn.Module):
         a half-precision W is rounded once, as PEFT rounds it."""
         if name in self.merged_adapters or name not in self.r:
             return
+        if self._merged_through_tie(name):
+            self.merged_adapters.append(name)
+            return
         if self.lora_bias[name] and self.bias is None:
             raise RuntimeError(f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer has no bias")
         delta = self.get_delta_weight(name).detach()
@@ -570,7 +607,9 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            if is_quantized(self.base_layer) or self.use_dora[name]:
+            if self._merged_through_tie(name):
+                pass
+            elif is_quantized(self.base_layer) or self.use_dora[name]:
                 self.set_base_weight(self._take_out(dense_weight(self.base_layer), name))
             else:
                 self.base_layer.weight.data.sub_(self.get_delta_weight(name).detach())
@@ -592,6 +631,7 @@ class LoraLayer(nn.Module):
         for d in (self.scaling, self.r, self.lora_alpha, self.use_dora, self.lora_bias, self._norms):
             d.pop(name, None)
         self.frozen_peft_weight_names.pop(name, None)
+        getattr(self, "_tied", {}).pop(name, None)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
@@ -749,6 +789,10 @@ def pattern_value(name: str, patterns: dict, default):
 def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState, fp32: bool = True) -> list[str]:
     """Wrap every target layer in a LoraLayer (once) and add adapter `name` to it."""
     targets = resolve_targets(model, config)
+    tied = getattr(config, "target_modules_to_tie", None) or []
+    if tied:  # modules tied to the input embedding come last, after the embedding's adapter exists (as in PEFT)
+        tied = [p for p, _ in _user_modules(model) if p and _is_tied_key(p, tied)]
+        targets = [p for p in targets if p not in tied] + tied
     for path in targets:
         layer = model.get_submodule(path)
         if not isinstance(layer, LoraLayer):
@@ -756,7 +800,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState,
             model.set_submodule(path, layer)
         r = pattern_value(path, config.rank_pattern, config.r)
         alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
-        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32)
+        source = None
+        if path in tied and not layer.is_embedding:  # an embedding tied to the embedding gets its own, as in PEFT
+            source = model.get_submodule(input_embedding_path(model))
+            if not isinstance(source, LoraLayer) or name not in source.lora_embedding_A:
+                raise ValueError(f"ensure_weight_tying: the input embedding has no LoRA adapter {name!r} to tie to")
+        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32, tied_to=source)
     if config.target_modules == "all-linear":
         config.target_modules = targets  # PEFT (0.21) saves the resolved full names, so the file loads on any version
     elif config.target_modules is None:
@@ -808,3 +857,188 @@ def remove_wrappers(model: nn.Module, merged: bool, only_empty: bool = False) ->
             active = m.active_adapter
             keep = m.modules_to_save[active] if merged and active is not None else m.original_module
             model.set_submodule(path, keep)
+
+
+# --- weight tying (LoraConfig.ensure_weight_tying) -------------------------------------------------------------
+
+EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]  # PEFT's leaf names that may be tied to the input embedding
+
+_WEIGHT_TYING_ISSUE = (
+    "This can lead to complications, for example when merging the adapter "
+    "or converting your model to formats other than safetensors. "
+    "Check the discussion here: https://github.com/huggingface/peft/issues/2777"
+)
+
+
+def _plain_name(name: str) -> str:
+    """A parameter or module name as it was before our wrappers were put in."""
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def tied_module_names(model: nn.Module) -> list[str]:
+    """Full names of the modules whose weight is tied to the input embedding, read from `_tied_weights_keys` as PEFT
+    reads them: a list (transformers 4) or a target -> source dict (transformers 5, sub-modules' entries included).
+    Empty when the config says tie_word_embeddings=False: that checkpoint has untied weights."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
+        return []
+    keys = getattr(model, "_tied_weights_keys", None)
+    if not keys:
+        return []
+    if isinstance(keys, dict):
+        if not hasattr(model, "get_input_embeddings"):
+            raise ValueError(
+                "The supplied model implements `_tied_weights_keys` as a dict but doesn't implement "
+                "'get_input_embeddings' so we can't determine which weights are tied to embeddings."
+            )
+        pairs: dict[str, str] = {}
+        for path, m in model.named_modules():
+            sub = getattr(m, "_tied_weights_keys", None)
+            if isinstance(sub, dict):
+                pairs.update({(f"{path}.{k}" if path else k): (f"{path}.{v}" if path else v) for k, v in sub.items()})
+        own = {id(p) for p in model.get_input_embeddings().parameters()}
+        # every name the embedding's weight goes by, so a tie whose source is an alias still counts
+        sources = {_plain_name(n) for n, p in model.named_parameters(remove_duplicate=False) if id(p) in own}
+        names = [_plain_name(k) for k, v in pairs.items() if _plain_name(v) in sources]
+    else:
+        names = [_plain_name(k) for k in keys]
+    return sorted({n.rpartition(".")[0] for n in names})
+
+
+def input_embedding_path(model: nn.Module) -> str:
+    """The module path of `model.get_input_embeddings()` ("" if it is not in the model)."""
+    emb = model.get_input_embeddings()
+    return next((n for n, m in model.named_modules() if m is emb), "")
+
+
+def plan_weight_tying(model: nn.Module, config: LoraConfig) -> None:
+    """PEFT's checks of tied layers (its warnings included). With ensure_weight_tying and a tied base, the adapter
+    moves from the tied modules to the input embedding in the config (modules_to_save or target_modules, which is
+    what gets saved), and the tied modules are recorded in `config.modules_to_tie` / `config.target_modules_to_tie`:
+    they are then wrapped last, sharing the embedding's trained tensors."""
+    modules_to_save = list(config.modules_to_save or [])
+    embedding_to_save = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in modules_to_save)
+    spec = config.target_modules
+    if isinstance(spec, str):
+        embedding_in_target = any(re.fullmatch(spec, m) for m in EMBEDDING_LAYER_NAMES)
+    else:
+        embedding_in_target = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in spec or [])
+    tied = tied_module_names(model)
+    if not config.ensure_weight_tying:
+        if (embedding_to_save or embedding_in_target) and tied:
+            warnings.warn(
+                "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, "
+                "but `ensure_weight_tying` is not set to True. " + _WEIGHT_TYING_ISSUE,
+                stacklevel=4,
+            )
+        return
+    if not tied:
+        warnings.warn(
+            "You have requested `ensure_weight_tying`, but no tied modules were found in the model", stacklevel=4
+        )
+        return
+    if not (embedding_to_save or embedding_in_target):
+        warnings.warn(
+            "You have requested `ensure_weight_tying`, but no tied modules are added in either "
+            "`modules_to_save` or `target_modules`",
+            stacklevel=4,
+        )
+        return
+    if config.use_dora or config.init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(
+            f"ensure_weight_tying=True with use_dora={config.use_dora}, init_lora_weights={config.init_lora_weights!r} "
+            "is not supported by smolpeft (tied adapters support plain LoRA with init True, False or 'gaussian')"
+        )
+    emb = input_embedding_path(model)
+
+    def untie(names: list[str]) -> list[str]:
+        # the embedding carries the adapter; each tied module drops the first entry naming it (PEFT's rule)
+        names = names + ([emb] if emb not in names else [])
+        for key in tied:
+            hit = next((m for m in names if re.match(rf"(^|.*\.){m}($|\..*)", key)), None)
+            if hit is not None:
+                names.remove(hit)
+        return names
+
+    if embedding_to_save:
+        config.modules_to_tie = tied
+        config.modules_to_save = untie(modules_to_save)
+    elif isinstance(spec, str):
+        config.target_modules_to_tie = tied
+        config.target_modules = rf"(?:{spec}|^{re.escape(emb)}$)"
+    else:
+        config.target_modules_to_tie = tied
+        config.target_modules = sorted(untie(sorted(set(spec))))
+
+
+def _is_tied_key(path: str, tied: list[str]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in tied)
+
+
+def tie_modules_to_save(model: nn.Module, tied: list[str], name: str, state: AdapterState) -> None:
+    """Wrap each module tied to the input embedding so that adapter `name`'s copy shares the weight of the
+    embedding's trained copy (one tensor, trained once, saved under both names as in PEFT)."""
+    source = model.get_submodule(input_embedding_path(model))
+    if not isinstance(source, ModulesToSave) or name not in source.modules_to_save:
+        raise ValueError(f"ensure_weight_tying: the input embedding has no trained copy for adapter {name!r}")
+    weight = source.modules_to_save[name].weight
+    for path, m in list(_user_modules(model)):
+        if path and _is_tied_key(path, tied) and not isinstance(m, LoraLayer):
+            if not isinstance(m, ModulesToSave):
+                m = ModulesToSave(m, state)
+                model.set_submodule(path, m)
+            # deepcopy maps the original (tied) weight to the trained one: bias and module type are kept
+            m.modules_to_save[name] = copy.deepcopy(m.original_module, {id(m.original_module.weight): weight})
+            m.modules_to_save[name].requires_grad_(True)
+
+
+# --- target_parameters (LoRA on a module's nn.Parameter): checked, not implemented ------------------------------
+
+
+def matched_parameters(model: nn.Module, targets: list[str]) -> list[str]:
+    """`module.param` names that `target_parameters` matches (exact or dotted suffix, PEFT's rule), each parameter
+    named by the lowest module holding it."""
+    found = []
+    for path, m in model.named_modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            key = f"{_plain_name(path + '.')}{pname}" if path else pname
+            if key in targets or any(key.endswith("." + t) for t in targets):
+                found.append(key)
+    return found
+
+
+def check_target_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """target_parameters is accepted only where it would adapt nothing: PEFT's error when nothing at all is targeted,
+    its warning when only the modules match; a parameter it does match is refused (smolpeft has no ParamWrapper)."""
+    if not config.target_parameters:
+        return
+    found = matched_parameters(model, config.target_parameters)
+    if found and config.target_modules:
+        try:
+            targeted = set(resolve_targets(model, config))
+        except (TypeError, ValueError):  # the module side fails with its own error when injected
+            targeted = set()
+        for key in found:
+            path = key.rpartition(".")[0]
+            if path in targeted:
+                raise ValueError(
+                    f"Trying to wrap an `nn.Parameter` of layer '{path}' of type "
+                    f"{type(model.get_submodule(path)).__name__}, which is not a valid target. Make sure that this "
+                    "layer is not also targeted with `target_modules`."
+                )
+    if found:
+        raise ValueError(
+            f"LoraConfig: target_parameters={config.target_parameters!r} matches {found[:3]}; LoRA on an nn.Parameter "
+            "(target_parameters) is not supported by smolpeft: target the modules with target_modules instead"
+        )
+    spec = config.target_modules
+    no_default = spec is None and getattr(getattr(model, "config", None), "model_type", None) not in DEFAULT_TARGETS
+    if no_default or (spec is not None and not spec):
+        raise ValueError(
+            "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+            "these arguments."
+        )
+    warnings.warn(
+        f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+        RuntimeWarning,
+        stacklevel=4,
+    )

@@ -76,11 +76,15 @@ class LoraModel(nn.Module):
             warnings.warn(msg, stacklevel=3)
         self.peft_config[adapter_name] = config
         try:
+            lora.check_target_parameters(self.model, config)
+            lora.plan_weight_tying(self.model, config)  # may move tied modules to the input embedding in config
             heads = list(config.modules_to_save or [])
             if config.task_type == TaskType.SEQ_CLS.value:
                 heads += [h for h in CLS_HEADS if h not in heads]
             if heads:
                 lora.add_modules_to_save(self.model, heads, adapter_name, self._state)
+            if getattr(config, "modules_to_tie", None):
+                lora.tie_modules_to_save(self.model, config.modules_to_tie, adapter_name, self._state)
             targets = lora.inject(self.model, config, adapter_name, self._state, fp32=self._autocast)
         except BaseException:
             self._drop(adapter_name)
@@ -180,6 +184,7 @@ class LoraModel(nn.Module):
         """Merge and return the plain transformers model, with no adapter modules left in it."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         lora.remove_wrappers(self.model, merged=True)
+        untie_config_if_diverged(self.model)
         return self.model
 
     def unload(self) -> nn.Module:
@@ -276,6 +281,26 @@ class LoraModel(nn.Module):
                     src = next((a for a in adapters if a in m.modules_to_save), None)
                     if src is not None:
                         m.modules_to_save[adapter_name].load_state_dict(m.modules_to_save[src].state_dict())
+
+
+def untie_config_if_diverged(model: nn.Module) -> None:
+    """After a merge, a config that says tie_word_embeddings=True while the input and output embeddings hold different
+    tensors (merged into one of them, or never tied) would re-tie them on save/load: set it False, as PEFT does."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return
+    out_w, in_w = getattr(out_emb, "weight", None), getattr(in_emb, "weight", None)
+    if out_w is not None and in_w is not None and out_w.data_ptr() != in_w.data_ptr():
+        config.tie_word_embeddings = False
+        warnings.warn(
+            "Input and output embeddings are no longer tied after merging. "
+            "Setting `tie_word_embeddings=False` in the model config.",
+            stacklevel=3,
+        )
 
 
 def trained_biases(model: nn.Module, bias: str) -> list[nn.Parameter]:

@@ -116,7 +116,6 @@ def test_bad_files(tmp_path):
     [
         dict(use_qalora=True),
         dict(bias="some"),
-        dict(target_parameters=["w"]),
         dict(trainable_token_indices=[1]),
         dict(layer_replication=[(0, 2)]),
         dict(init_lora_weights="lora_ga"),
