@@ -6,6 +6,11 @@ over every active request with one adapter per row (`adapter_names=[...]`), so r
 share the pass. The batch keeps one left-padded KV cache, rebuilt only when rows join or leave; a 2D attention
 mask and per-row position ids make each row compute what it would compute alone.
 
+Registered adapters are known by their directory. With `max_loaded_adapters`, at most that many are in the model's
+LoRA layers (on the model's device) at once: a request for another one loads it from its files when it is admitted,
+evicting the least recently used adapter that no running row uses, and waits in the queue while every slot is held
+by running rows. The host-side store is the files themselves, so registering adapters costs no memory.
+
 Every refusal and failure is an `EngineError` with a `Reason`; `serve.py` maps reasons to HTTP status codes. A
 failure that belongs to one request (its sampling, its non-finite logits, its prefill) ends that request only.
 """
@@ -94,7 +99,8 @@ class Engine:
     """A causal LM (a PeftModel once it has adapters) and the decode loop that serves it.
 
     `max_waiting` bounds the queue of admitted requests that wait for a batch slot; `max_prompt_tokens` bounds a
-    prompt (default: the model's context)."""
+    prompt (default: the model's context); `max_loaded_adapters` bounds the adapters held in the model at once
+    (default: every registered adapter stays loaded)."""
 
     def __init__(
         self,
@@ -104,9 +110,18 @@ class Engine:
         max_batch: int = 8,
         max_waiting: int = 256,
         max_prompt_tokens: int | None = None,
+        max_loaded_adapters: int | None = None,
     ):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
+        built_in = list(getattr(model, "peft_config", {}))
+        if max_loaded_adapters is not None and max_loaded_adapters <= len(built_in):
+            # The model's own adapters have no files to reload from, so they never leave; a slot must remain.
+            raise ValueError(
+                f"max_loaded_adapters must be > {len(built_in)} (the adapters the model came with), "
+                f"got {max_loaded_adapters}"
+            )
+        self.max_loaded = max_loaded_adapters
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -128,7 +143,10 @@ class Engine:
         params = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
-        self.adapter_paths: dict[str, str] = dict.fromkeys(getattr(model, "peft_config", {}), "")
+        self.adapter_paths: dict[str, str] = dict.fromkeys(built_in, "")  # registered adapters ("": no files)
+        self._stamps: dict[str, tuple] = {}  # each registered adapter's files when registered (see _stamp)
+        # The adapters in the model's layers, least recently used first: the "device" set.
+        self._loaded: collections.OrderedDict[str, None] = collections.OrderedDict.fromkeys(built_in)
         self.stats = {
             "steps": 0,
             "mixed_steps": 0,
@@ -139,6 +157,9 @@ class Engine:
             "errors": 0,
             "active": 0,
             "waiting": 0,
+            "loaded_adapters": len(built_in),
+            "adapter_loads": 0,  # loads of an evicted adapter back into the model (registration not counted)
+            "adapter_evictions": 0,
         }
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -160,7 +181,8 @@ class Engine:
         **limits,
     ) -> Engine:
         """The base from a directory or Hub id (4-bit NF4 with quantize="nf4"), with the named adapters loaded.
-        `device` defaults to CUDA when there is one; `limits` are Engine's max_waiting and max_prompt_tokens."""
+        `device` defaults to CUDA when there is one; `limits` are Engine's max_waiting, max_prompt_tokens and
+        max_loaded_adapters."""
         from .config import TaskType
         from .loader import load
 
@@ -310,7 +332,9 @@ class Engine:
             self._cv.notify()
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA adapter (safetensors only) under `name`; the model is back in eval mode afterwards."""
+        """Register a LoRA adapter (safetensors only) under `name`: it is loaded in full, so bad files are refused
+        here, and then stays loaded unless the cache of `max_loaded_adapters` needs its slot. The model is back in
+        eval mode afterwards."""
         _check_text(name, "name")
         if name in (self.name, BASE) or name in self.adapter_paths:
             raise EngineError(Reason.CONFLICT, f"model {clip(repr(name))} already exists; delete it first", "name")
@@ -350,16 +374,21 @@ class Engine:
                     fut.set_exception(e)
             with self._cv:
                 new = []
+                plan = collections.OrderedDict(self._loaded)  # the loaded set once this round's requests are placed
                 while self._waiting and len(self._rows) + len(new) < self.max_batch:
-                    req = self._waiting.popleft()
+                    req = self._waiting[0]
                     if req.cancelled:
-                        self._finish(req, "cancelled")
+                        self._finish(self._waiting.popleft(), "cancelled")
                     elif req.adapter != BASE and req.adapter not in self.adapter_paths:
-                        self._fail(req, EngineError(Reason.NOT_FOUND, f"adapter {req.adapter!r} was unloaded", "model"))
-                    else:
-                        new.append(req)
+                        error = EngineError(Reason.NOT_FOUND, f"adapter {req.adapter!r} was unloaded", "model")
+                        self._fail(self._waiting.popleft(), error)
+                    elif self._place(req.adapter, plan, new):
+                        new.append(self._waiting.popleft())
+                    else:  # every slot holds an adapter that a running row uses: wait (in order) for one to finish
+                        break
             try:
                 self._leave()
+                new = self._apply(plan, new)
                 self._join(new)
                 if self._rows:
                     self._step()
@@ -370,6 +399,61 @@ class Engine:
                     self._fail(req, EngineError(Reason.INTERNAL, f"generation failed: {type(e).__name__}: {e}"))
                 self._rows, self._cache, self._mask = [], None, None
             self.stats["active"], self.stats["waiting"] = len(self._rows), len(self._waiting)
+            self.stats["loaded_adapters"] = len(self._loaded)
+
+    def _place(self, name: str, plan: collections.OrderedDict, new: list[Request]) -> bool:
+        """Give adapter `name` a slot in `plan` (the loaded set, least recently used first), evicting the least
+        recently used adapter that no running or admitted row uses; False if there is none to evict."""
+        if name == BASE:
+            return True
+        if name not in plan and self.max_loaded is not None and len(plan) >= self.max_loaded:
+            busy = {r.adapter for r in [*self._rows, *new]}
+            victim = next((n for n in plan if n not in busy and self.adapter_paths[n]), None)
+            if victim is None:
+                return False
+            del plan[victim]
+        plan[name] = None
+        plan.move_to_end(name)
+        return True
+
+    def _apply(self, plan: collections.OrderedDict, new: list[Request]) -> list[Request]:
+        """Make the model hold exactly the adapters of `plan`: evict the others, load the missing ones from their
+        files. A load that fails fails the requests for that adapter only; the others are returned."""
+        for name in [n for n in self._loaded if n not in plan]:
+            self._evict(name)
+        for name in [n for n in plan if n not in self._loaded]:
+            try:
+                self._reload(name)
+            except Exception as e:
+                for req in [r for r in new if r.adapter == name]:
+                    self._fail(req, e)
+        new = [r for r in new if r.finish_reason is None]
+        for req in new:
+            if req.adapter in self._loaded:
+                self._loaded.move_to_end(req.adapter)
+        return new
+
+    def _reload(self, name: str) -> None:
+        """Load evicted adapter `name` back from its files, refusing files changed since registration: the
+        adapter must come back as it was served before."""
+        path = self.adapter_paths[name]
+        if _stamp(path) != self._stamps[name]:
+            raise EngineError(
+                Reason.CONFLICT,
+                f"the files of adapter {name!r} ({clip(path, 200)}) changed since it was registered; "
+                "delete it and load it again",
+                "model",
+            )
+        self._into_model(name, path)
+        self._loaded[name] = None
+        self.stats["adapter_loads"] += 1
+        log.debug("loaded adapter %s back from %s", name, path)
+
+    def _evict(self, name: str) -> None:
+        self.model.delete_adapter(name)
+        del self._loaded[name]
+        self.stats["adapter_evictions"] += 1
+        log.debug("evicted adapter %s", name)
 
     def _forward(self, ids: torch.Tensor, names: list[str], cache, **kw):
         if isinstance(self.model, PeftModel):
@@ -413,6 +497,9 @@ class Engine:
         keep = [i for i, req in enumerate(self._rows) if req.finish_reason is None]
         if len(keep) == len(self._rows):
             return
+        for req in self._rows:
+            if req.finish_reason is not None and req.adapter in self._loaded:
+                self._loaded.move_to_end(req.adapter)  # recency is the last use, not the admission
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache = self._mask = None
@@ -508,6 +595,18 @@ class Engine:
         _notify(req)
 
     def _load(self, name: str, path: str) -> None:
+        stamp = _stamp(path)  # before reading: a change during the load shows up as a mismatch later
+        self._into_model(name, path)
+        self.adapter_paths[name], self._stamps[name] = path, stamp
+        self._loaded[name] = None
+        busy = {r.adapter for r in self._rows}
+        while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
+            # The new adapter has files and no rows, so there is always a victim; it may be the new one itself.
+            self._evict(next(n for n in self._loaded if n not in busy and self.adapter_paths[n]))
+        self.stats["loaded_adapters"] = len(self._loaded)
+        log.info("loaded adapter %s from %s", name, path)
+
+    def _into_model(self, name: str, path: str) -> None:
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, adapter_name=name, is_trainable=False)
@@ -521,16 +620,18 @@ class Engine:
             ) from None
         finally:
             self.model.eval()  # a loader may leave dropout on; serving is inference, always
-        self.adapter_paths[name] = path
-        log.info("loaded adapter %s from %s", name, path)
 
     def _delete(self, name: str) -> None:
         with self._cv:
             pending = [r for r in [*self._rows, *self._waiting] if r.adapter == name]
         for req in pending:
             self._fail(req, EngineError(Reason.NOT_FOUND, f"adapter {name!r} was unloaded", "model"))
-        self.model.delete_adapter(name)
+        if name in self._loaded:
+            self._evict(name)
+            self.stats["adapter_evictions"] -= 1  # a deletion, not an eviction
         del self.adapter_paths[name]
+        self._stamps.pop(name, None)
+        self.stats["loaded_adapters"] = len(self._loaded)
         log.info("deleted adapter %s (%d requests in flight ended)", name, len(pending))
 
 
@@ -580,6 +681,19 @@ def _check_adapter_files(path: str) -> None:
             f"the adapter has {found} serve does not load: it loads {WEIGHTS_NAME} only (a .bin is a pickle)",
             "path",
         )
+
+
+def _stamp(path: str) -> tuple:
+    """(inode, size, mtime) of an adapter's config and weights: equal stamps, same files (as far as a stat can tell)."""
+    out = []
+    for file in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = os.stat(os.path.join(path, file))
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def _check_text(text: str, param: str) -> None:

@@ -454,6 +454,7 @@ class LoraLayer(nn.Module):
             _discard(d, name)
         for d in (self.scaling, self.r, self.lora_alpha, self.use_dora, self.lora_bias, self._norms):
             d.pop(name, None)
+        self._stacked = (None, None, None)  # the stack may hold this adapter's tensors: let them go with it
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
