@@ -347,6 +347,7 @@ def test_an_lru_cache_smaller_than_the_adapter_set_reloads_evicted_adapters_exac
         assert again.out_ids == first.out_ids == solo(many, first.prompt_ids, first.adapter, 5), first.adapter
     assert max(map(len, loaded_per_step)) == 4
     assert engine.stats["adapter_loads"] >= 12 and engine.stats["adapter_evictions"] >= 12
+    assert all(engine._layout_of[n] is engine._layout_of["m0"] is not None for n in names)  # the fast path ran
 
 
 def test_requests_wait_while_every_slot_is_held_by_running_rows(many):
