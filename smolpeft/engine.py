@@ -9,7 +9,9 @@ mask and per-row position ids make each row compute what it would compute alone.
 Registered adapters are known by their directory. With `max_loaded_adapters`, at most that many are in the model's
 LoRA layers (on the model's device) at once: a request for another one loads it from its files when it is admitted,
 evicting the least recently used adapter that no running row uses, and waits in the queue while every slot is held
-by running rows. The host-side store is the files themselves, so registering adapters costs no memory.
+by running rows (the requests behind it wait too: the queue keeps its order, so no request starves). The host-side
+store is the files themselves, so registering adapters costs no memory; a file changed since its registration is
+refused when it would be loaded back, so an evicted adapter returns exactly as it was served.
 
 Every refusal and failure is an `EngineError` with a `Reason`; `serve.py` maps reasons to HTTP status codes. A
 failure that belongs to one request (its sampling, its non-finite logits, its prefill) ends that request only.
