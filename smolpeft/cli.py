@@ -59,6 +59,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 above)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: the model's context)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests waiting for a batch slot (429 above)")
+    p.add_argument(
+        "--max-loaded-adapters",
+        type=int,
+        help="adapters held on the model's device at once; the others load from their files when requested, the "
+        "least recently used one (that no running request uses) making room (default: all)",
+    )
     p.add_argument("--quantize", choices=["nf4"], help="load the base in 4-bit NF4 (bitsandbytes)")
 
 
@@ -84,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
         max_waiting=args.max_waiting,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     return 0
 

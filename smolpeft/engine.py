@@ -6,6 +6,13 @@ over every active request with one adapter per row (`adapter_names=[...]`), so r
 share the pass. The batch keeps one left-padded KV cache, rebuilt only when rows join or leave; a 2D attention
 mask and per-row position ids make each row compute what it would compute alone.
 
+Registered adapters are known by their directory. With `max_loaded_adapters`, at most that many are in the model's
+LoRA layers (on the model's device) at once: a request for another one loads it from its files when it is admitted,
+evicting the least recently used adapter that no running row uses, and waits in the queue while every slot is held
+by running rows (the requests behind it wait too: the queue keeps its order, so no request starves). The host-side
+store is the files themselves, so registering adapters costs no memory; a file changed since its registration is
+refused when it would be loaded back, so an evicted adapter returns exactly as it was served.
+
 Every refusal and failure is an `EngineError` with a `Reason`; `serve.py` maps reasons to HTTP status codes. A
 failure that belongs to one request (its sampling, its non-finite logits, its prefill) ends that request only.
 """
@@ -13,6 +20,7 @@ failure that belongs to one request (its sampling, its non-finite logits, its pr
 from __future__ import annotations
 
 import collections
+import copy
 import enum
 import inspect
 import json
@@ -28,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import BIN_NAME
-from .config import CONFIG_NAME, WEIGHTS_NAME
+from . import lora
+from .checkpoint import BIN_NAME, read_header, read_weights
+from .config import CONFIG_NAME, WEIGHTS_NAME, load_config
 from .data import render_chat
 from .lora import BASE
 from .model import PeftModel
@@ -90,11 +99,25 @@ class Request:
     generator: torch.Generator | None = None
 
 
+@dataclass
+class _Layout:
+    """Where every plain LoRA adapter of one config (no DoRA, lora_bias, embedding targets, whole-module copies or
+    PiSSA) puts its tensors, read off the first such adapter the full loader loaded. Later adapters of that config
+    load by adding factors to these layers and copying the file's tensors in, and leave by deleting them: no walk
+    over the model's modules, whose number grows with every adapter loaded (a full load with 64 adapters in the
+    SmolLM2-135M shape took seconds)."""
+
+    targets: list[tuple[str, int, float]]  # (module path in the base model, r, alpha)
+    shapes: dict[str, tuple[int, ...]]  # the weights file's keys and shapes, exactly
+    fp32: bool  # the factors' dtype is float32 (else the base's)
+
+
 class Engine:
     """A causal LM (a PeftModel once it has adapters) and the decode loop that serves it.
 
     `max_waiting` bounds the queue of admitted requests that wait for a batch slot; `max_prompt_tokens` bounds a
-    prompt (default: the model's context)."""
+    prompt (default: the model's context); `max_loaded_adapters` bounds the adapters held in the model at once
+    (default: every registered adapter stays loaded)."""
 
     def __init__(
         self,
@@ -104,9 +127,18 @@ class Engine:
         max_batch: int = 8,
         max_waiting: int = 256,
         max_prompt_tokens: int | None = None,
+        max_loaded_adapters: int | None = None,
     ):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
+        built_in = list(getattr(model, "peft_config", {}))
+        if max_loaded_adapters is not None and max_loaded_adapters <= len(built_in):
+            # The model's own adapters have no files to reload from, so they never leave; a slot must remain.
+            raise ValueError(
+                f"max_loaded_adapters must be > {len(built_in)} (the adapters the model came with), "
+                f"got {max_loaded_adapters}"
+            )
+        self.max_loaded = max_loaded_adapters
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -128,7 +160,12 @@ class Engine:
         params = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
-        self.adapter_paths: dict[str, str] = dict.fromkeys(getattr(model, "peft_config", {}), "")
+        self.adapter_paths: dict[str, str] = dict.fromkeys(built_in, "")  # registered adapters ("": no files)
+        self._stamps: dict[str, tuple] = {}  # each registered adapter's files when registered (see _stamp)
+        self._layouts: dict[str, _Layout | None] = {}  # by config (see _signature); None: load in full
+        self._layout_of: dict[str, _Layout | None] = {}  # by registered adapter
+        # The adapters in the model's layers, least recently used first: the "device" set.
+        self._loaded: collections.OrderedDict[str, None] = collections.OrderedDict.fromkeys(built_in)
         self.stats = {
             "steps": 0,
             "mixed_steps": 0,
@@ -139,6 +176,9 @@ class Engine:
             "errors": 0,
             "active": 0,
             "waiting": 0,
+            "loaded_adapters": len(built_in),
+            "adapter_loads": 0,  # loads of an evicted adapter back into the model (registration not counted)
+            "adapter_evictions": 0,
         }
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -160,7 +200,8 @@ class Engine:
         **limits,
     ) -> Engine:
         """The base from a directory or Hub id (4-bit NF4 with quantize="nf4"), with the named adapters loaded.
-        `device` defaults to CUDA when there is one; `limits` are Engine's max_waiting and max_prompt_tokens."""
+        `device` defaults to CUDA when there is one; `limits` are Engine's max_waiting, max_prompt_tokens and
+        max_loaded_adapters."""
         from .config import TaskType
         from .loader import load
 
@@ -310,7 +351,9 @@ class Engine:
             self._cv.notify()
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Load a LoRA adapter (safetensors only) under `name`; the model is back in eval mode afterwards."""
+        """Register a LoRA adapter (safetensors only) under `name`: it is loaded in full, so bad files are refused
+        here, and then stays loaded unless the cache of `max_loaded_adapters` needs its slot. The model is back in
+        eval mode afterwards."""
         _check_text(name, "name")
         if name in (self.name, BASE) or name in self.adapter_paths:
             raise EngineError(Reason.CONFLICT, f"model {clip(repr(name))} already exists; delete it first", "name")
@@ -350,16 +393,21 @@ class Engine:
                     fut.set_exception(e)
             with self._cv:
                 new = []
+                plan = collections.OrderedDict(self._loaded)  # the loaded set once this round's requests are placed
                 while self._waiting and len(self._rows) + len(new) < self.max_batch:
-                    req = self._waiting.popleft()
+                    req = self._waiting[0]
                     if req.cancelled:
-                        self._finish(req, "cancelled")
+                        self._finish(self._waiting.popleft(), "cancelled")
                     elif req.adapter != BASE and req.adapter not in self.adapter_paths:
-                        self._fail(req, EngineError(Reason.NOT_FOUND, f"adapter {req.adapter!r} was unloaded", "model"))
-                    else:
-                        new.append(req)
+                        error = EngineError(Reason.NOT_FOUND, f"adapter {req.adapter!r} was unloaded", "model")
+                        self._fail(self._waiting.popleft(), error)
+                    elif self._place(req.adapter, plan, new):
+                        new.append(self._waiting.popleft())
+                    else:  # every slot holds an adapter that a running row uses: wait (in order) for one to finish
+                        break
             try:
                 self._leave()
+                new = self._apply(plan, new)
                 self._join(new)
                 if self._rows:
                     self._step()
@@ -370,6 +418,70 @@ class Engine:
                     self._fail(req, EngineError(Reason.INTERNAL, f"generation failed: {type(e).__name__}: {e}"))
                 self._rows, self._cache, self._mask = [], None, None
             self.stats["active"], self.stats["waiting"] = len(self._rows), len(self._waiting)
+            self.stats["loaded_adapters"] = len(self._loaded)
+
+    def _place(self, name: str, plan: collections.OrderedDict, new: list[Request]) -> bool:
+        """Give adapter `name` a slot in `plan` (the loaded set, least recently used first), evicting the least
+        recently used adapter that no running or admitted row uses; False if there is none to evict."""
+        if name == BASE:
+            return True
+        if name not in plan and self.max_loaded is not None and len(plan) >= self.max_loaded:
+            busy = {r.adapter for r in [*self._rows, *new]}
+            victim = next((n for n in plan if n not in busy and self.adapter_paths[n]), None)
+            if victim is None:
+                return False
+            del plan[victim]
+        plan[name] = None
+        plan.move_to_end(name)
+        return True
+
+    def _apply(self, plan: collections.OrderedDict, new: list[Request]) -> list[Request]:
+        """Make the model hold exactly the adapters of `plan`: evict the others, load the missing ones from their
+        files. A load that fails fails the requests for that adapter only; the others are returned."""
+        for name in [n for n in self._loaded if n not in plan]:
+            self._evict(name)
+        for name in [n for n in plan if n not in self._loaded]:
+            try:
+                self._reload(name)
+            except Exception as e:
+                for req in [r for r in new if r.adapter == name]:
+                    self._fail(req, e)
+        new = [r for r in new if r.finish_reason is None]
+        for req in new:
+            if req.adapter in self._loaded:
+                self._loaded.move_to_end(req.adapter)
+        return new
+
+    def _reload(self, name: str) -> None:
+        """Load evicted adapter `name` back from its files, refusing files changed since registration: the
+        adapter must come back as it was served before."""
+        path = self.adapter_paths[name]
+        if _stamp(path) != self._stamps[name]:
+            raise EngineError(
+                Reason.CONFLICT,
+                f"the files of adapter {name!r} ({clip(path, 200)}) changed since it was registered; "
+                "delete it and load it again",
+                "model",
+            )
+        self._into_model(name, path)
+        self._loaded[name] = None
+        self.stats["adapter_loads"] += 1
+        log.debug("loaded adapter %s back from %s", name, path)
+
+    def _evict(self, name: str) -> None:
+        layout = self._layout_of.get(name)
+        if layout is None:
+            self.model.delete_adapter(name)
+        else:
+            # The model's active adapter may still name it: harmless, as every forward names each row's adapter
+            # and a layer skips names it does not hold. The emptied wrappers stay for the next adapter.
+            inner = self.model.get_base_model()
+            for target, _, _ in layout.targets:
+                inner.get_submodule(target).delete(name)
+            del self.model.peft_config[name]
+        del self._loaded[name]
+        self.stats["adapter_evictions"] += 1
+        log.debug("evicted adapter %s", name)
 
     def _forward(self, ids: torch.Tensor, names: list[str], cache, **kw):
         if isinstance(self.model, PeftModel):
@@ -413,6 +525,9 @@ class Engine:
         keep = [i for i, req in enumerate(self._rows) if req.finish_reason is None]
         if len(keep) == len(self._rows):
             return
+        for req in self._rows:
+            if req.finish_reason is not None and req.adapter in self._loaded:
+                self._loaded.move_to_end(req.adapter)  # recency is the last use, not the admission
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache = self._mask = None
@@ -508,6 +623,98 @@ class Engine:
         _notify(req)
 
     def _load(self, name: str, path: str) -> None:
+        stamp = _stamp(path)  # before reading: a change during the load shows up as a mismatch later
+        self._into_model(name, path)
+        self.adapter_paths[name], self._stamps[name] = path, stamp
+        self._loaded[name] = None
+        busy = {r.adapter for r in self._rows}
+        while self.max_loaded is not None and len(self._loaded) > self.max_loaded:
+            # The new adapter has files and no rows, so there is always a victim; it may be the new one itself.
+            self._evict(next(n for n in self._loaded if n not in busy and self.adapter_paths[n]))
+        self.stats["loaded_adapters"] = len(self._loaded)
+        log.info("loaded adapter %s from %s", name, path)
+
+    def _into_model(self, name: str, path: str) -> None:
+        signature = _signature(path)
+        layout = self._layouts.get(signature)
+        if layout is not None and self._fits(layout):
+            try:
+                self._add(name, path, layout)
+            except Exception as e:
+                raise EngineError(
+                    Reason.BAD_REQUEST, f"could not load adapter {name!r}: {type(e).__name__}: {e}", "path"
+                ) from None
+            self._layout_of[name] = layout
+            return
+        self._load_in_full(name, path)
+        layout = self._layouts.get(signature) or self._read_layout(name, path)
+        if signature is not None and signature not in self._layouts:
+            self._layouts[signature] = layout
+        self._layout_of[name] = layout
+
+    def _fits(self, layout: _Layout) -> bool:
+        """The layout's layers still hold LoRA wrappers (a full delete removes a wrapper left with no adapter)."""
+        if not isinstance(self.model, PeftModel):
+            return False
+        inner = self.model.get_base_model()
+        return all(isinstance(inner.get_submodule(t), lora.LoraLayer) for t, _, _ in layout.targets)
+
+    def _add(self, name: str, path: str, layout: _Layout) -> None:
+        """Load adapter `name` along `layout`: its file must hold exactly the layout's tensors."""
+        file = os.path.join(path, WEIGHTS_NAME)
+        shapes = {k: s for k, (_, s) in read_header(file).items()}
+        if shapes != layout.shapes:
+            odd = sorted(set(shapes.items()) ^ set(layout.shapes.items()))[:3]
+            raise ValueError(f"{file}: its tensors differ from what its config describes, e.g. {odd}")
+        config = load_config(path)
+        config.inference_mode = True
+        weights = read_weights(path, device=self.device)
+        bare = copy.copy(config)
+        bare.init_lora_weights = False  # the factors are overwritten at once; dropout is off when serving
+        inner = self.model.get_base_model()
+        layers = [inner.get_submodule(t) for t, _, _ in layout.targets]
+        try:
+            with torch.no_grad():
+                for (target, r, alpha), layer in zip(layout.targets, layers):
+                    layer.add(name, r, alpha, 0.0, bare, fp32=layout.fp32)
+                    for key, factor in zip(("lora_A", "lora_B"), layer.factors(name)):
+                        factor.copy_(weights[f"base_model.model.{target}.{key}.weight"])
+                        factor.requires_grad_(False)
+                    for part in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                        part[name].eval()
+        except BaseException:
+            for layer in layers:
+                layer.delete(name)
+            raise
+        self.model.peft_config[name] = config
+
+    def _read_layout(self, name: str, path: str) -> _Layout | None:
+        """The layout of adapter `name`, just loaded in full, or None if it is not plain LoRA."""
+        config, inner = self.model.peft_config[name], self.model.get_base_model()
+        if (
+            config.use_dora
+            or config.lora_bias
+            or config.init_lora_weights in ("pissa", "olora")
+            or config.modules_to_save
+            or lora.modules_to_save_copies(inner, name)
+        ):
+            return None
+        targets, shapes, dtypes = [], {}, set()
+        for target, layer in lora.lora_layers(inner):
+            if name not in layer.r:
+                continue
+            if layer.is_embedding:
+                return None
+            targets.append((target, layer.r[name], layer.lora_alpha[name]))
+            for key, factor in zip(("lora_A", "lora_B"), layer.factors(name)):
+                shapes[f"base_model.model.{target}.{key}.weight"] = tuple(factor.shape)
+                dtypes.add(factor.dtype)
+        on_disk = {k: s for k, (_, s) in read_header(os.path.join(path, WEIGHTS_NAME)).items()}
+        if not targets or on_disk != shapes or len(dtypes) != 1:
+            return None
+        return _Layout(targets, shapes, dtypes == {torch.float32})
+
+    def _load_in_full(self, name: str, path: str) -> None:
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, adapter_name=name, is_trainable=False)
@@ -521,16 +728,19 @@ class Engine:
             ) from None
         finally:
             self.model.eval()  # a loader may leave dropout on; serving is inference, always
-        self.adapter_paths[name] = path
-        log.info("loaded adapter %s from %s", name, path)
 
     def _delete(self, name: str) -> None:
         with self._cv:
             pending = [r for r in [*self._rows, *self._waiting] if r.adapter == name]
         for req in pending:
             self._fail(req, EngineError(Reason.NOT_FOUND, f"adapter {name!r} was unloaded", "model"))
-        self.model.delete_adapter(name)
+        if name in self._loaded:
+            self._evict(name)
+            self.stats["adapter_evictions"] -= 1  # a deletion, not an eviction
         del self.adapter_paths[name]
+        self._stamps.pop(name, None)
+        self._layout_of.pop(name, None)
+        self.stats["loaded_adapters"] = len(self._loaded)
         log.info("deleted adapter %s (%d requests in flight ended)", name, len(pending))
 
 
@@ -580,6 +790,35 @@ def _check_adapter_files(path: str) -> None:
             f"the adapter has {found} serve does not load: it loads {WEIGHTS_NAME} only (a .bin is a pickle)",
             "path",
         )
+
+
+def _signature(path: str) -> str | None:
+    """Adapter configs that load along one layout: the config without the fields that do not change where the
+    tensors go or what they compute in eval mode (a config that cannot be read gets none)."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    return json.dumps(
+        {k: v for k, v in cfg.items() if k not in ("base_model_name_or_path", "revision", "inference_mode")},
+        sort_keys=True,
+    )
+
+
+def _stamp(path: str) -> tuple:
+    """(inode, size, mtime) of an adapter's config and weights: equal stamps, same files (as far as a stat can tell)."""
+    out = []
+    for file in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = os.stat(os.path.join(path, file))
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def _check_text(text: str, param: str) -> None:

@@ -632,6 +632,7 @@ class LoraLayer(nn.Module):
             d.pop(name, None)
         self.frozen_peft_weight_names.pop(name, None)
         getattr(self, "_tied", {}).pop(name, None)
+        self._stacked = (None, None, None)  # the stack may hold this adapter's tensors: let them go with it
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"

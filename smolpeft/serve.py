@@ -447,8 +447,10 @@ def serve(
     max_body_bytes: int = MAX_BODY_BYTES,
     max_prompt_tokens: int | None = None,
     max_waiting: int = MAX_WAITING,
+    max_loaded_adapters: int | None = None,
 ) -> None:
-    """Load the engine and run the API with uvicorn until interrupted."""
+    """Load the engine and run the API with uvicorn until interrupted. `max_loaded_adapters` bounds the adapters in
+    the model at once (the others load from their files on demand, least recently used out); None: all of them."""
     import uvicorn
 
     if not logging.getLogger().handlers:
@@ -463,6 +465,7 @@ def serve(
         max_batch=max_batch,
         max_waiting=max_waiting,
         max_prompt_tokens=max_prompt_tokens,
+        max_loaded_adapters=max_loaded_adapters,
     )
     engine.start()
     log.info("serving %s with adapters %s on http://%s:%d/v1", model, engine.adapters or "(none)", host, port)

@@ -148,9 +148,15 @@ class LoraModel(nn.Module):
         if freeze_base:
             for p in self.model.parameters():
                 p.requires_grad_(False)
+        # One walk over the modules for all adapters: adapter_parameters() per adapter walks them once each, and
+        # with every adapter adding modules, loading the n-th adapter would cost O(n²) (seconds at n = 64).
+        layers = [m for _, m in lora.lora_layers(self.model)]
+        heads = [m for _, m in self.model.named_modules() if isinstance(m, lora.ModulesToSave)]
         for name, config in self.peft_config.items():
             train = name in self._state.active and not config.inference_mode
-            for p in self.adapter_parameters(name):
+            params = [t for m in layers if name in m.r for t in m.adapter_params(name)]
+            params += [p for h in heads if name in h.modules_to_save for p in h.modules_to_save[name].parameters()]
+            for p in params:
                 if p.requires_grad != train:
                     p.requires_grad_(train)
             if train:

@@ -269,3 +269,139 @@ def test_a_hot_loaded_adapter_is_served_in_eval_mode(env):
             assert engine.generate(ids, name, SamplingParams(8, temperature=0)).out_ids == offline(env, ids, name, 8)
     finally:
         engine.stop()
+
+
+# --- many adapters: an LRU cache of loaded adapters over a larger registered set ---
+
+
+def _copies(env, n: int) -> dict[str, str]:
+    """n adapters shaped like `a` (r=4 on q/v) with their own random weights, written straight as safetensors."""
+    template = load_file(f"{env['paths']['a']}/adapter_model.safetensors")
+    config = open(f"{env['paths']['a']}/adapter_config.json").read()
+    paths = {}
+    for i in range(n):
+        d = env["dir"] / f"many{i}"
+        if not d.exists():
+            d.mkdir()
+            (d / "adapter_config.json").write_text(config)
+            g = torch.Generator().manual_seed(1000 + i)
+            save_file(
+                {k: torch.randn(v.shape, generator=g) * 0.5 for k, v in template.items()},
+                d / "adapter_model.safetensors",
+            )
+        paths[f"m{i}"] = str(d)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def many(env):
+    """64 adapters, and an offline model with one adapter slot into which each adapter's file is copied in turn."""
+    paths = _copies(env, 64)
+    ref = smolpeft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), paths["m0"], "slot")
+    return dict(env, paths=paths, ref=ref.eval())
+
+
+def solo(many, ids: list[int], adapter: str, n: int) -> list[int]:
+    """Adapter `adapter`'s greedy output for `ids` alone, offline."""
+    if adapter != BASE:
+        weights = load_file(f"{many['paths'][adapter]}/adapter_model.safetensors")
+        assert not smolpeft.set_peft_model_state_dict(many["ref"], weights, "slot").unexpected_keys
+        adapter = "slot"
+    return offline(many, ids, adapter, n)
+
+
+def _prompt(env, i: int) -> list[int]:
+    return env["tok"](["the quick brown fox", "hello ! how can i", "two plus two equals"][i % 3])["input_ids"]
+
+
+def _adapter_names_in_model(engine: Engine) -> set[str]:
+    return {n for _, m in smolpeft.lora.lora_layers(engine.model) for n in m.r}
+
+
+def test_64_adapters_in_one_batch_each_row_equals_its_solo_run(many):
+    engine = Engine.load(many["base"], many["paths"], max_batch=64, device="cpu")
+    reqs = [Request(_prompt(many, i), f"m{i}", SamplingParams(6, temperature=0)) for i in range(64)]
+    _run_together(engine, reqs)
+    for i, req in enumerate(reqs):
+        assert req.finish_reason in ("stop", "length"), req.error
+        assert req.out_ids == solo(many, _prompt(many, i), f"m{i}", 6), f"m{i}"
+    assert engine.stats["max_rows"] == 64 and engine.stats["mixed_steps"] > 0
+    assert len({tuple(r.out_ids) for r in reqs}) > 10  # the adapters differ, so a mixed-up row would show
+
+
+def test_an_lru_cache_smaller_than_the_adapter_set_reloads_evicted_adapters_exactly(many):
+    """12 adapters through 4 slots, 4 rows at a time: every adapter is evicted and loaded back at least once."""
+    names = [f"m{i}" for i in range(12)]
+    engine = Engine.load(
+        many["base"], {n: many["paths"][n] for n in names}, max_batch=4, device="cpu", max_loaded_adapters=4
+    )
+    assert engine.adapters == names and len(engine._loaded) == 4  # all registered, four held
+    loaded_per_step = []
+    step = engine._step
+    engine._step = lambda: (loaded_per_step.append(set(_adapter_names_in_model(engine))), step())[1]
+    rounds = [[Request(_prompt(many, i), n, SamplingParams(5, temperature=0)) for i, n in enumerate(names)]]
+    rounds.append([Request(r.prompt_ids, r.adapter, SamplingParams(5, temperature=0)) for r in rounds[0]])
+    _run_together(engine, rounds[0] + rounds[1])
+    for first, again in zip(*rounds):
+        assert first.finish_reason in ("stop", "length"), first.error
+        assert again.out_ids == first.out_ids == solo(many, first.prompt_ids, first.adapter, 5), first.adapter
+    assert max(map(len, loaded_per_step)) == 4
+    assert engine.stats["adapter_loads"] >= 12 and engine.stats["adapter_evictions"] >= 12
+    assert all(engine._layout_of[n] is engine._layout_of["m0"] is not None for n in names)  # the fast path ran
+
+
+def test_requests_wait_while_every_slot_is_held_by_running_rows(many):
+    """2 slots, 4 rows: the requests for the third and fourth adapter wait for a row to finish; none fails."""
+    names = [f"m{i}" for i in range(4)]
+    engine = Engine.load(
+        many["base"], {n: many["paths"][n] for n in names}, max_batch=4, device="cpu", max_loaded_adapters=2
+    )
+    reqs = [Request(_prompt(many, i), n, SamplingParams(3 + 2 * i, temperature=0)) for i, n in enumerate(names)]
+    _run_together(engine, reqs)
+    for req in reqs:
+        assert req.finish_reason in ("stop", "length"), req.error
+        assert req.out_ids == solo(many, req.prompt_ids, req.adapter, req.params.max_tokens)
+    assert engine.stats["max_rows"] == 2 and engine.stats["errors"] == 0
+
+
+def test_the_model_holds_only_the_cached_adapters_and_frees_the_evicted(many):
+    """32 registered, 3 slots: the model's LoRA tensors are exactly three adapters' worth, and the tensors of an
+    evicted adapter are freed (nothing, such as the mixed-batch stack, keeps them)."""
+    import gc
+    import weakref
+
+    engine = Engine.load(many["base"], dict(list(many["paths"].items())[:32]), device="cpu", max_loaded_adapters=3)
+    one = sum(v.numel() for v in load_file(f"{many['paths']['m0']}/adapter_model.safetensors").values())
+    held = [t for _, m in smolpeft.lora.lora_layers(engine.model) for n in m.r for t in m.adapter_params(n)]
+    assert len(engine.adapters) == 32 and len(_adapter_names_in_model(engine)) == 3
+    assert sum(t.numel() for t in held) == 3 * one
+    old = [weakref.ref(t) for t in held]
+    del held
+    ids = _prompt(many, 0)
+    engine.start()
+    try:
+        for name in ("m3", "m4", "m5", "m6"):  # a mixed step stacks factors in every layer; then evicts them
+            assert engine.generate(ids, name, SamplingParams(2, temperature=0)).finish_reason == "length"
+    finally:
+        engine.stop()
+    gc.collect()
+    assert not any(r() is not None for r in old)
+    assert _adapter_names_in_model(engine) == {"m4", "m5", "m6"}
+
+
+def test_an_adapter_whose_files_changed_after_eviction_fails_only_its_requests(many, tmp_path):
+    import shutil
+
+    paths = {n: str(tmp_path / n) for n in ("m0", "m1")}
+    for n, p in paths.items():
+        shutil.copytree(many["paths"][n], p)
+    engine = Engine.load(many["base"], paths, device="cpu", max_loaded_adapters=1)  # m0 evicted by m1
+    os.utime(f"{paths['m0']}/adapter_model.safetensors", ns=(1, 1))
+    ids = _prompt(many, 0)
+    reqs = [Request(ids, "m0", SamplingParams(3, temperature=0)), Request(ids, BASE, SamplingParams(3, temperature=0))]
+    _run_together(engine, reqs)
+    assert reqs[0].finish_reason == "error" and reqs[0].error.reason == Reason.CONFLICT
+    assert "changed" in reqs[0].error.message
+    assert reqs[1].out_ids == solo(many, ids, BASE, 3)
+    with pytest.raises(ValueError, match="max_loaded_adapters"):
+        Engine(many["ref"], engine.tokenizer, "m", max_loaded_adapters=1)  # the model comes with one adapter

@@ -358,6 +358,7 @@ def test_cli_serve(srv):
     args = build_parser().parse_args(["serve", "--model", "m", "--adapter", "x=/p", "--adapter", "y=/q"])
     assert (args.host, args.port, args.adapter, args.quantize) == ("127.0.0.1", 8000, ["x=/p", "y=/q"], None)
     assert (args.api_key, args.max_body_bytes, args.max_prompt_tokens, args.max_waiting) == (None, 4 * 2**20, None, 256)
+    assert args.max_loaded_adapters is None
     args = build_parser().parse_args(
         [
             "serve",
@@ -371,9 +372,12 @@ def test_cli_serve(srv):
             "50",
             "--max-waiting",
             "3",
+            "--max-loaded-adapters",
+            "2",
         ]
     )
     assert (args.api_key_file, args.max_body_bytes, args.max_prompt_tokens, args.max_waiting) == ("k", 100, 50, 3)
+    assert args.max_loaded_adapters == 2
     port = _free_port()
     cmd = [
         sys.executable,
@@ -694,9 +698,14 @@ def test_serve_applies_its_limits_and_reads_the_key_file(srv, tmp_path, monkeypa
     )
     (tmp_path / "key").write_text("sk-file\n")
     smolpeft.serve.serve(
-        srv.base, api_key_file=str(tmp_path / "key"), max_body_bytes=100, max_prompt_tokens=5, max_waiting=3
+        srv.base,
+        api_key_file=str(tmp_path / "key"),
+        max_body_bytes=100,
+        max_prompt_tokens=5,
+        max_waiting=3,
+        max_loaded_adapters=2,
     )
-    assert (engines[0].max_prompt_tokens, engines[0].max_waiting) == (5, 3)
+    assert (engines[0].max_prompt_tokens, engines[0].max_waiting, engines[0].max_loaded) == (5, 3, 2)
     client = TestClient(apps[0])
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer sk-file"}).status_code == 200
@@ -788,5 +797,40 @@ def test_hot_loading_a_pissa_adapter_leaves_the_shared_base_alone(srv, tmp_path)
             ids = srv.tok(PROMPTS[1])["input_ids"]
             assert greedy(srv.base) == offline(srv, ids, srv.base, 8)[1]
             assert greedy("a") == offline(srv, ids, "a", 8)[1]
+    finally:
+        engine.stop()
+
+
+def test_a_server_with_fewer_adapter_slots_than_adapters(srv):
+    """Four adapters through two slots: /v1/models lists all four, concurrent requests over all of them (and the
+    base) equal offline greedy, evicted adapters come back, and hot load and unload work on the registry."""
+    from fastapi.testclient import TestClient
+
+    adapters = srv.dir / "adapters"
+    engine = Engine.load(
+        srv.base, {n: str(adapters / n) for n in ("a", "b", "c")}, max_batch=3, device="cpu", max_loaded_adapters=2
+    )
+    engine.start()
+    try:
+        with TestClient(create_app(engine, adapter_dir=str(adapters))) as client:
+            assert client.post("/v1/adapters", json={"name": "d", "path": "d"}).status_code == 200
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [srv.base, "a", "b", "c", "d"]
+            jobs = [(PROMPTS[i % 4], m) for i, m in enumerate(["a", "b", "c", "d", srv.base, "a", "d", "b"] * 2)]
+
+            def run(job):
+                body = {"model": job[1], "prompt": job[0], "max_tokens": 6, "temperature": 0}
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                texts = list(pool.map(run, jobs))
+            for (prompt, model), text in zip(jobs, texts):
+                assert text == offline(srv, srv.tok(prompt)["input_ids"], model, 6)[1], (prompt, model)
+            stats = client.get("/health").json()["stats"]
+            assert stats["loaded_adapters"] == 2 and stats["adapter_loads"] > 0 and stats["adapter_evictions"] > 0
+            assert client.delete("/v1/adapters/a").status_code == 200
+            assert client.post("/v1/completions", json={"model": "a", "prompt": "x"}).status_code == 404
+            assert run((PROMPTS[0], "b")) == offline(srv, srv.tok(PROMPTS[0])["input_ids"], "b", 6)[1]
     finally:
         engine.stop()
