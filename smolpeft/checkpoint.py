@@ -309,7 +309,9 @@ def read_weights(directory: str | os.PathLike, device: str | torch.device | None
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def check_header(directory: str | os.PathLike, inner: nn.Module, config, ignore_mismatched_sizes: bool = False) -> None:
+def check_header(
+    directory: str | os.PathLike, inner: nn.Module, config: LoraConfig, ignore_mismatched_sizes: bool = False
+) -> None:
     """Before anything is allocated: every tensor's shape in the file agrees with the config and the base model,
     and the adapter the config describes is not far larger than the file (a config promising r=500000 on a 15 kB
     file would otherwise allocate gigabytes)."""
@@ -362,7 +364,7 @@ def head_shapes(directory: str | os.PathLike) -> list[tuple[int, ...]]:
 # --- PiSSA / OLoRA as plain LoRA ---------------------------------------------------------------------------------
 
 
-def is_principal(config) -> bool:
+def is_principal(config: Any) -> bool:
     """PiSSA (also "pissa_niter_N"), OLoRA and CorDA adapters: trained over the residual W - s·B₀A₀, not over W."""
     init = getattr(config, "init_lora_weights", None)
     return isinstance(init, str) and (init.startswith("pissa") or init.lower() in ("olora", "corda"))
@@ -419,7 +421,7 @@ def principal_weights(
     return _stack_principal(weights, initial)
 
 
-def principal_to_lora(config, params: dict[str, torch.Tensor], initial_dir: str | os.PathLike):
+def principal_to_lora(config: LoraConfig, params: dict[str, torch.Tensor], initial_dir: str | os.PathLike):
     """save_pretrained(path_initial_model_for_weight_conversion=...): the trained PiSSA/OLoRA adapter as plain LoRA,
     using the untrained adapter saved at `initial_dir` for A₀, B₀. Returns (config, tensors)."""
     if not is_principal(config):
@@ -442,7 +444,7 @@ def principal_to_lora(config, params: dict[str, torch.Tensor], initial_dir: str 
     return principal_config(config), _stack_principal(params, initial)
 
 
-def write_model_card(directory: str | os.PathLike, config) -> None:
+def write_model_card(directory: str | os.PathLike, config: Any) -> None:
     """A README.md model card like PEFT's (Hub metadata up front); an existing README is never overwritten."""
     path = os.path.join(directory, "README.md")
     if os.path.exists(path):

@@ -7,6 +7,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -780,7 +781,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
-def pattern_value(name: str, patterns: dict, default):
+def pattern_value(name: str, patterns: dict, default: Any) -> Any:
     for p, v in patterns.items():
         if re.match(rf"(.*\.)?{p}$", name):
             return v

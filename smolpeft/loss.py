@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None  # None under no_grad (evaluation)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -55,7 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         grad_h, grad_w = ctx.saved_tensors
         gw = (grad_w * grad_out).to(grad_h.dtype) if ctx.has_grad_w else None
         return grad_h * grad_out.to(grad_h.dtype), gw, None, None
@@ -186,7 +187,14 @@ class TrainingLoss(nn.Module):
         self.lean = lean and lean_ok(base) and not getattr(model, "prompt_encoder", None)
         self.chunk = chunk
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, outputs: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        outputs: bool = False,
+    ) -> Any:
         if outputs or not self.lean or labels.dim() != 2:
             # The model's own loss; with outputs=True its whole output (logits too), for evaluation through this
             # wrapper. Packed rows: transformers only builds the per-example mask when no KV cache is being filled.

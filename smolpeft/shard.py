@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: F401  (imported with thi
 from torch.distributed.tensor import DTensor
 
 
-def skeleton(model_class, base: str, dtype: torch.dtype | None = None, **config_kw) -> nn.Module:
+def skeleton(model_class: type[nn.Module], base: str, dtype: torch.dtype | None = None, **config_kw) -> nn.Module:
     """`model_class` (an Auto class) for the checkpoint in `base`, its parameters on the meta device: no bytes read."""
     import transformers
 
