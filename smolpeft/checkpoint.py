@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from typing import Any
 
 import torch
@@ -57,7 +58,23 @@ def _embedding_layers(model: nn.Module, adapter_name: str, save: bool | str, sta
     else:
         targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
     if save == "auto":
-        save = targeted or _vocab_resized(inner, config)
+        if targeted:
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=4
+            )
+            save = True
+        elif _vocab_resized(inner, config):
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
+                stacklevel=4,
+            )
+            save = True
+        else:
+            save = False
+    if save and not hasattr(inner, "get_input_embeddings"):
+        warnings.warn(
+            "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.", stacklevel=4
+        )
     if not save or not hasattr(inner, "get_input_embeddings"):
         return {}
     layers = [inner.get_input_embeddings(), inner.get_output_embeddings()]
@@ -121,7 +138,9 @@ def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) 
 def _live(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """File key -> live tensor of the model for adapter `adapter_name` (embedding layers only if the file has them)."""
     state = model.state_dict(keep_vars=True)
-    live = get_peft_model_state_dict(model, state, adapter_name, save_embedding_layers=True)
+    with warnings.catch_warnings():  # "not a transformers model" is about saving; here we only look
+        warnings.simplefilter("ignore")
+        live = get_peft_model_state_dict(model, state, adapter_name, save_embedding_layers=True)
     own = {fk for k in state if (fk := _file_key(k, adapter_name)) is not None}
     return {k: v for k, v in live.items() if k in own or k in loaded}
 
@@ -418,18 +437,36 @@ def principal_to_lora(config, params: dict[str, torch.Tensor], initial_dir: str 
     return principal_config(config), _stack_principal(params, initial)
 
 
-def write_model_card(directory: str | os.PathLike, config) -> None:
-    """A README.md model card like PEFT's (Hub metadata up front); an existing README is never overwritten."""
+def write_model_card(
+    directory: str | os.PathLike,
+    config,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+    pipeline_tag: str | None = None,
+) -> None:
+    """README.md as PEFT writes it: Hub metadata (library_name, tags, base_model) over the Hub's model-card template,
+    or over the card already there, whose text is kept (PEFT updates an existing card rather than replacing it).
+    `base_model` is the base's config `_name_or_path` (None for a model without a config), `tags` PEFT's tags.
+    (PEFT also means to note a bitsandbytes quantization config, but its check never fires, so neither do we.)"""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
     path = os.path.join(directory, "README.md")
-    if os.path.exists(path):
-        return
-    base = config.base_model_name_or_path
-    tags = [f"base_model:adapter:{base}"] if base else []
-    tags += [config.peft_type.value.lower(), "smolpeft"]
-    meta = (f"base_model: {base}\n" if base else "") + "library_name: peft\ntags:\n" + "".join(f"- {t}\n" for t in tags)
-    body = (
-        f"# {os.path.basename(os.path.abspath(directory))}\n\nA {config.peft_type.value} adapter"
-        f"{f' for `{base}`' if base else ''} in PEFT's format, saved by smolpeft. Load it with "
-        "`PeftModel.from_pretrained(base_model, path)` from smolpeft or peft.\n"
-    )
-    atomic_write(path, f"---\n{meta}---\n\n{body}".encode())
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    card.data["tags"] = sorted(set(tags or []) | {"smolpeft"})
+    if pipeline_tag and not card.data.pipeline_tag:
+        card.data.pipeline_tag = pipeline_tag
+    if base_model is not None:
+        card.data["base_model"] = base_model
+    lines = card.text.splitlines()
+    version = f"- smolpeft {__version__} (PEFT format)"
+    if version not in lines:
+        heading = "### Framework versions"
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, version)
+        else:
+            lines.append(f"{heading}\n\n{version}")
+    card.text = "\n".join(lines)
+    atomic_write(path, str(card).encode())

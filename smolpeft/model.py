@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
+from transformers import PreTrainedModel
 
 from . import checkpoint, lora, storage
 from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
@@ -330,7 +331,22 @@ class PeftModel(nn.Module):
                 config, params = checkpoint.principal_to_lora(config, params, path_initial_model_for_weight_conversion)
             checkpoint.save_weights(params, out, safe_serialization)
             config.save_pretrained(out)
-            checkpoint.write_model_card(out, config)
+            checkpoint.write_model_card(out, config, **self._card_facts())
+
+    def _card_facts(self) -> dict[str, Any]:
+        """What PEFT's model card says about the base model: its config's `_name_or_path`, and tags."""
+        base = self.get_base_model()
+        tags = set(getattr(base, "model_tags", None) or [])
+        if isinstance(getattr(self.base_model, "model", None), PreTrainedModel):  # PEFT's test, as it is
+            tags.add("transformers")
+        if isinstance(self.active_peft_config, LoraConfig):
+            tags.add("lora")
+        if hasattr(base, "name_or_path"):
+            tags.add(f"base_model:adapter:{base.name_or_path}")
+        mc = getattr(base, "config", None)
+        name = mc.to_dict().get("_name_or_path") if hasattr(mc, "to_dict") else None
+        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        return dict(base_model=name, tags=sorted(tags), pipeline_tag=pipeline)
 
     def push_to_hub(
         self,
@@ -580,6 +596,22 @@ def get_peft_model(
         raise ValueError("mixed=True (PeftMixedModel) is not supported by smolpeft")
     refuse(peft_config)
     peft_config = copy.copy(peft_config)
+    # As PEFT: the config names the model actually wrapped (None for a model with no name_or_path, not "");
+    # a name the user set that differs is overwritten, with a warning.
+    old_name, new_name = peft_config.base_model_name_or_path, model.__dict__.get("name_or_path") or None
+    peft_config.base_model_name_or_path = new_name
+    if lora.lora_layers(model):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before.",
+            stacklevel=2,
+        )
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+            "Please ensure that the correct base model is loaded when loading this checkpoint.",
+            stacklevel=2,
+        )
     if revision is not None:
         peft_config.revision = revision
     cls = _TASK_CLASSES.get(peft_config.task_type, PeftModel)

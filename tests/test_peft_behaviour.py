@@ -1,0 +1,59 @@
+"""PeftModel / LoraModel behaviours PEFT's own tests check, each against real peft: the same warnings and errors,
+the same outputs, the same files."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import tiny
+import torch
+import yaml
+from torch import nn
+
+import smolpeft
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def _warnings(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught]
+
+
+def _card(path) -> dict:
+    return yaml.safe_load(path.read_text().split("---")[1])
+
+
+@pytest.mark.parametrize("make", [MLP, tiny.llama], ids=["custom", "transformers"])
+def test_model_card_and_base_name_are_peft_s(tmp_path, make):
+    for lib in (peft, smolpeft):
+        cfg = lib.LoraConfig(target_modules=["lin0"] if make is MLP else None, base_model_name_or_path="custom")
+        msgs = _warnings(lambda g=lib.get_peft_model, c=cfg, d=tmp_path / lib.__name__: g(make(), c).save_pretrained(d))
+        assert any("was renamed from 'custom' to 'None'" in m for m in msgs), msgs
+    ours, theirs = (_card(tmp_path / d / "README.md") for d in ("smolpeft", "peft"))
+    assert ours.pop("tags") == sorted(set(theirs.pop("tags")) | {"smolpeft"})
+    assert ours == theirs
+    assert len((tmp_path / "smolpeft/README.md").read_text()) > 1000  # the Hub's template, filled in as peft does
+
+
+def test_save_embedding_layers_warns_as_peft(tmp_path):
+    def run(lib, model, target, save):
+        m = lib.get_peft_model(model, lib.LoraConfig(target_modules=target, init_lora_weights=False))
+        return [w for w in _warnings(lambda: m.save_pretrained(tmp_path, save_embedding_layers=save)) if "embed" in w]
+
+    for target, save in ((["q_proj", "embed_tokens"], "auto"), (["q_proj"], "auto"), (["q_proj"], True)):
+        assert run(smolpeft, tiny.llama(), target, save) == run(peft, tiny.llama(), target, save)
+    # a model without get_input_embeddings: nothing is saved, and both say why
+    emb = [nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)) for _ in range(2)]
+    assert run(smolpeft, emb[0], ["1"], True) == run(peft, emb[1], ["1"], True) != []
