@@ -50,7 +50,7 @@ def _embedding_layers(model: nn.Module, adapter_name: str, save: bool | str, sta
     """Full embedding weights saved next to the adapter: with save_embedding_layers=True, or "auto" when LoRA
     targets an embedding layer (PEFT's rule) or the vocabulary was resized since the base checkpoint."""
     config = model.peft_config[adapter_name]
-    inner = model.get_base_model()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # or a bare injected model
     targets = getattr(config, "target_modules", None) or []
     names = [n for n, _ in inner.named_modules() if re.match(r"(.*\.)?(embed_tokens|lm_head)$", n)]
     if isinstance(targets, str) and targets != "all-linear":
@@ -78,7 +78,7 @@ def _embedding_layers(model: nn.Module, adapter_name: str, save: bool | str, sta
     if not save or not hasattr(inner, "get_input_embeddings"):
         return {}
     layers = [inner.get_input_embeddings(), inner.get_output_embeddings()]
-    prefix = "base_model.model." if isinstance(config, LoraConfig) else "base_model."
+    prefix = "" if inner is model else "base_model.model." if isinstance(config, LoraConfig) else "base_model."
     out = {}
     for path, m in inner.named_modules():
         base = m.base_layer if isinstance(m, LoraLayer) else m
@@ -229,7 +229,11 @@ def copy_into(
         keep[k] = p
     with torch.no_grad():
         for k, p in keep.items():
-            p.copy_(loaded[k])
+            if p.is_meta:  # created with low_cpu_mem_usage: the loaded tensor takes its place (same object, dtype)
+                new = loaded[k].to(p.dtype)
+                torch.utils.swap_tensors(p, nn.Parameter(new, p.requires_grad) if isinstance(p, nn.Parameter) else new)
+            else:
+                p.copy_(loaded[k])
 
 
 def resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub: Any) -> str:

@@ -137,7 +137,11 @@ class LoraLayer(nn.Module):
             out.append(self.lora_magnitude_vector[name].weight)
         return out
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig, fp32: bool = True) -> None:
+    def add(
+        self, name: str, r: int, alpha: float, dropout: float, config: LoraConfig, fp32: bool = True, meta: bool = False
+    ) -> None:
+        """Add adapter `name`; meta=True (PEFT's low_cpu_mem_usage) leaves its tensors unallocated on the meta device,
+        to be replaced by loaded ones."""
         if config.lora_bias and self.is_embedding:
             raise ValueError("lora_bias=True is not supported for an Embedding base layer (as in PEFT)")
         if config.lora_bias and self.bias is None:
@@ -150,7 +154,7 @@ class LoraLayer(nn.Module):
         # updates of size lr·grad vanish in bf16. fp32=False keeps a half-precision base's dtype.
         floating = w.dtype.is_floating_point and w.dtype.itemsize >= 2 and not is_quantized(self.base_layer)
         dtype = w.dtype if (w.dtype == torch.float64 or not fp32) and floating else torch.float32
-        kw = dict(device=w.device, dtype=dtype)
+        kw = dict(device="meta" if meta else w.device, dtype=dtype)
         self.scaling[name], self.r[name], self.lora_alpha[name] = config.scaling(r, alpha), r, alpha
         # Built as PEFT builds them (nn.Linear draws Kaiming-uniform, embeddings randn), so that a seeded script draws
         # the same numbers in both libraries; init=False keeps exactly these values.
@@ -180,7 +184,9 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
             if config.lora_bias and init is not False:
                 nn.init.zeros_(self.lora_B[name].bias)
-        if config.use_dora:  # m starts at ||W + s·B A||, so that W' = W + s·B A: DoRA starts where LoRA would
+        if config.use_dora and meta:
+            self.lora_magnitude_vector[name] = Magnitude(torch.empty(self.out_features, **kw))
+        elif config.use_dora:  # m starts at ||W + s·B A||, so that W' = W + s·B A: DoRA starts where LoRA would
             m = self._row_norm(self._dense_weight(dtype), self.get_delta_weight(name).detach())
             self.lora_magnitude_vector[name] = Magnitude(m)
 
@@ -608,8 +614,10 @@ def pattern_value(name: str, patterns: dict, default):
     return default
 
 
-def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState, fp32: bool = True) -> list[str]:
-    """Wrap every target layer in a LoraLayer (once) and add adapter `name` to it."""
+def inject(
+    model: nn.Module, config: LoraConfig, name: str, state: AdapterState, fp32: bool = True, meta: bool = False
+) -> list[str]:
+    """Wrap every target layer in a LoraLayer (once) and add adapter `name` to it (on the meta device: `meta`)."""
     targets = resolve_targets(model, config)
     for path in targets:
         layer = model.get_submodule(path)
@@ -618,7 +626,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState,
             model.set_submodule(path, layer)
         r = pattern_value(path, config.rank_pattern, config.r)
         alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
-        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32)
+        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32, meta=meta)
     if config.target_modules == "all-linear":
         config.target_modules = targets  # PEFT (0.21) saves the resolved full names, so the file loads on any version
     elif config.target_modules is None:

@@ -57,7 +57,12 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         self._setup(model, isinstance(peft_config, LoraConfig), adapter_name, autocast_adapter_dtype)
-        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.add_adapter(
+            adapter_name,
+            peft_config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
 
     def _setup(self, model: nn.Module, is_lora: bool, adapter_name: str, autocast_adapter_dtype: bool) -> None:
         """The empty wrapper: a LoraModel tuner for LoRA; for prompt tuning the model itself plus prompt encoders."""
@@ -85,14 +90,21 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
+        """Add an adapter (not made active, except the first one); a failure leaves the model as it was.
+        low_cpu_mem_usage: LoRA tensors are left on the meta device, for weights loaded afterwards (as in PEFT;
+        prompt tuning builds its small embedding anyway, as PEFT does)."""
         refuse(peft_config)
         kind = PromptTuningConfig if self._is_prompt() else LoraConfig
         if not isinstance(peft_config, kind):
             have = "PROMPT_TUNING" if self._is_prompt() else "LORA"
             raise ValueError(f"cannot mix {peft_config.peft_type.value} with {have} adapters in one model")
         if not self._is_prompt():
-            self.base_model.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.base_model.add_adapter(
+                adapter_name,
+                peft_config,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
             return
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
@@ -387,11 +399,23 @@ class PeftModel(nn.Module):
         ignore_sizes, dtype = _load_options("load_adapter", kwargs, ephemeral_gpu_offload, key_mapping)
         path = checkpoint.resolve_dir(model_id, **kwargs)
         config = load_config(path)
-        self._load(path, config, adapter_name, is_trainable, torch_device, ignore_sizes, dtype, autocast_adapter_dtype)
+        self._load(
+            path,
+            config,
+            adapter_name,
+            is_trainable,
+            torch_device,
+            ignore_sizes,
+            dtype,
+            autocast_adapter_dtype,
+            low_cpu_mem_usage,
+        )
         # As PEFT, a load result; a file load is strict here, so nothing is ever missing or unexpected.
         return _IncompatibleKeys([], [])
 
-    def _load(self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True) -> None:
+    def _load(
+        self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True, low_cpu=False
+    ) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         checkpoint.check_header(path, self.get_base_model(), config, ignore_sizes)
@@ -400,12 +424,14 @@ class PeftModel(nn.Module):
         original = config
         if getattr(config, "init_lora_weights", None) in ("pissa", "olora"):
             config = checkpoint.principal_config(config)
-        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu, autocast_adapter_dtype=autocast)
         try:
             if config is not original:
                 weights = checkpoint.principal_weights(self.get_base_model(), original, weights)
             source = os.path.join(path, checkpoint.WEIGHTS_NAME)
             checkpoint.load_adapter_weights(self, weights, adapter_name, source, ignore_sizes)
+            if low_cpu and not self._is_prompt():  # the loaded tensors took the meta ones' place, on `device`
+                self.base_model._move_adapter_to_base_device(adapter_name)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -448,7 +474,15 @@ class PeftModel(nn.Module):
         peft_model._setup(model, isinstance(config, LoraConfig), adapter_name, autocast_adapter_dtype)
         try:
             peft_model._load(
-                path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast_adapter_dtype
+                path,
+                config,
+                adapter_name,
+                is_trainable,
+                device,
+                ignore_sizes,
+                dtype,
+                autocast_adapter_dtype,
+                low_cpu_mem_usage,
             )
         except BaseException:
             if not peft_model._is_prompt():

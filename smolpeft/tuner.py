@@ -38,7 +38,7 @@ class LoraModel(nn.Module):
         peft_config: LoraConfig | dict[str, LoraConfig],
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,  # accepted for PEFT's signature: adapters are small, built directly
+        low_cpu_mem_usage: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -46,9 +46,12 @@ class LoraModel(nn.Module):
         self.targeted_module_names: list[str] = []
         self._state = AdapterState(active=[adapter_name])
         self._autocast = autocast_adapter_dtype
+        # As PEFT: the injected model carries the registry too, so a bare model from inject_adapter_in_model works with
+        # get/set_peft_model_state_dict; unload() takes it away again.
+        model.peft_config = self.peft_config
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
-            self.add_adapter(name, config)
+            self.add_adapter(name, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -63,8 +66,15 @@ class LoraModel(nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool | None = None) -> None:
-        """Inject adapter `adapter_name`; a failure leaves the model as it was."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        autocast_adapter_dtype: bool | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Inject adapter `adapter_name`; a failure leaves the model as it was. low_cpu_mem_usage: its LoRA tensors
+        stay on the meta device until loaded (checkpoint.copy_into puts real tensors in their place)."""
         if autocast_adapter_dtype is not None:
             self._autocast = autocast_adapter_dtype
         if adapter_name in self.peft_config:
@@ -78,7 +88,9 @@ class LoraModel(nn.Module):
                 heads += [h for h in CLS_HEADS if h not in heads]
             if heads:
                 lora.add_modules_to_save(self.model, heads, adapter_name, self._state)
-            targets = lora.inject(self.model, config, adapter_name, self._state, fp32=self._autocast)
+            targets = lora.inject(
+                self.model, config, adapter_name, self._state, fp32=self._autocast, meta=low_cpu_mem_usage
+            )
         except BaseException:
             self._drop(adapter_name)
             raise
@@ -129,6 +141,15 @@ class LoraModel(nn.Module):
     def _check_known(self, name: str) -> None:
         check_known(self.peft_config, name)
 
+    def _move_adapter_to_base_device(self, name: str) -> None:
+        """Put adapter `name`'s LoRA tensors on their base layer's device (tensors loaded elsewhere, as PEFT does)."""
+        for _, m in lora.lora_layers(self.model):
+            if name in m.r:
+                device = m.base_layer.weight.device
+                for p in m.adapter_params(name):
+                    if p.device != device and not p.is_meta:
+                        p.data = p.data.to(device)
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""
         out = [t for _, m in lora.lora_layers(self.model) if name in m.r for t in m.adapter_params(name)]
@@ -173,11 +194,13 @@ class LoraModel(nn.Module):
         """Merge and return the plain transformers model, with no adapter modules left in it."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         lora.remove_wrappers(self.model, merged=True)
+        self.model.__dict__.pop("peft_config", None)
         return self.model
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the original transformers model."""
         lora.remove_wrappers(self.model, merged=False)
+        self.model.__dict__.pop("peft_config", None)
         return self.model
 
     # --- combining --------------------------------------------------------------------------------------------

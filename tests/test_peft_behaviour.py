@@ -57,3 +57,23 @@ def test_save_embedding_layers_warns_as_peft(tmp_path):
     # a model without get_input_embeddings: nothing is saved, and both say why
     emb = [nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)) for _ in range(2)]
     assert run(smolpeft, emb[0], ["1"], True) == run(peft, emb[1], ["1"], True) != []
+
+
+def test_low_cpu_mem_usage_puts_adapters_on_meta_then_loads_them(tmp_path):
+    x = tiny.ids()
+    for lib in (peft, smolpeft):
+        m = lib.get_peft_model(tiny.llama(), lib.LoraConfig(r=2), low_cpu_mem_usage=True)
+        assert {p.device.type for n, p in m.named_parameters() if "lora_" in n} == {"meta"}, lib.__name__
+    ours = smolpeft.get_peft_model(tiny.llama(), smolpeft.LoraConfig(r=2, init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    for lib in (peft, smolpeft):
+        m = lib.PeftModel.from_pretrained(tiny.llama(), tmp_path, low_cpu_mem_usage=True)
+        m.load_adapter(tmp_path, "other", low_cpu_mem_usage=True)
+        assert {p.device.type for p in m.parameters()} == {"cpu"}
+        torch.testing.assert_close(m(input_ids=x).logits, ours(input_ids=x).logits)
+        # the low-level path: inject on meta, then a state dict with the bare model's keys
+        bare = lib.inject_adapter_in_model(lib.LoraConfig(r=2), tiny.llama(), low_cpu_mem_usage=True)
+        assert {p.device.type for p in bare.parameters()} == {"cpu", "meta"}
+        sd = {k.removeprefix("base_model.model."): v for k, v in smolpeft.get_peft_model_state_dict(ours).items()}
+        assert not lib.set_peft_model_state_dict(bare, sd, low_cpu_mem_usage=True).unexpected_keys
+        torch.testing.assert_close(bare(input_ids=x).logits, ours(input_ids=x).logits)
