@@ -116,6 +116,9 @@ def get_peft_model_state_dict(
     return out | _embedding_layers(model, adapter_name, save_embedding_layers, state)
 
 
+_WRAPPER_PART = r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
+
+
 def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) -> dict[str, Any]:
     """Base biases saved with bias="all" (every `*.bias` key not another adapter's) or "lora_only" (`base_layer.bias`
     of the LoRA-wrapped layers), under PEFT's keys: the adapter name dropped before the last part."""
@@ -128,7 +131,9 @@ def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) 
             if (k == "bias" or k.endswith(".bias")) and not any(f".{o}." in k or k.endswith(f".{o}") for o in others)
         ]
     elif bias == "lora_only":
-        keys = [f"{p}.base_layer.bias" for p, m in model.named_modules() if isinstance(m, LoraLayer)]
+        # Module paths as state-dict keys spell them: FSDP and activation checkpointing wrappers leave them out.
+        paths = [re.sub(_WRAPPER_PART, "", p) for p, m in model.named_modules() if isinstance(m, LoraLayer)]
+        keys = [f"{p}.base_layer.bias" for p in paths]
         keys = [k for k in keys if k in state]
     else:
         return {}
@@ -181,6 +186,10 @@ def set_peft_model_state_dict(
     """Copy a state dict with PEFT's file keys into adapter `adapter_name`; returns the missing and unexpected keys
     (missing adapter keys stay as they are, as in PEFT). Shapes are checked before anything is copied."""
     live = _live(model, adapter_name, peft_model_state_dict)
+    # Like PEFT's load_state_dict(strict=False): a key naming a tensor of the model as it is (a base bias trained
+    # with bias="all"/"lora_only" under another config, say) is loaded there too; other adapters' tensors never are.
+    base = {k: v for k, v in model.state_dict(keep_vars=True).items() if not _ADAPTER_PART.search(k)}
+    live |= {k: base[k] for k in peft_model_state_dict if k not in live and k in base}
     present = {k: v for k, v in live.items() if k in peft_model_state_dict}
     copy_into(present, peft_model_state_dict, "state dict", ignore_mismatched_sizes, strict=False)
     return _IncompatibleKeys(

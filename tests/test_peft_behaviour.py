@@ -77,3 +77,27 @@ def test_low_cpu_mem_usage_puts_adapters_on_meta_then_loads_them(tmp_path):
         sd = {k.removeprefix("base_model.model."): v for k, v in smolpeft.get_peft_model_state_dict(ours).items()}
         assert not lib.set_peft_model_state_dict(bare, sd, low_cpu_mem_usage=True).unexpected_keys
         torch.testing.assert_close(bare(input_ids=x).logits, ours(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_load_into_a_model_whose_config_trains_none(bias):
+    """PEFT loads a state dict non-strictly: the biases trained under bias=... land in a bias="none" model too."""
+    outs = []
+    for lib in (peft, smolpeft):
+        torch.manual_seed(0)
+        m = lib.get_peft_model(
+            MLP(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False, bias=bias)
+        ).eval()
+        with torch.no_grad():
+            m.base_model.model.lin0.base_layer.bias.fill_(1.23)
+            m.base_model.model.lin1.bias.fill_(-0.5 if bias == "all" else 0.0)  # saved with "all" only
+        sd = lib.get_peft_model_state_dict(m)
+        torch.manual_seed(0)
+        fresh = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
+        with torch.no_grad():
+            fresh.base_model.model.lin1.bias.zero_()
+        result = lib.set_peft_model_state_dict(fresh, sd)
+        x = torch.randn(3, 10)
+        torch.testing.assert_close(fresh(x), m(x))
+        outs.append((sorted(sd), sorted(result.unexpected_keys)))
+    assert outs[0] == outs[1]
