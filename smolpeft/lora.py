@@ -86,6 +86,11 @@ class LoraLayer(nn.Module):
         self._w_sq: tuple = (None, None)
         self._norms: dict[str, tuple] = {}
         self._merged_norms: dict[str, torch.Tensor] = {}
+        self._enabled: bool | None = None  # this layer switched on/off on its own (enable_adapters); None: the model's
+
+    # PEFT's names of the per-adapter containers and settings (code written against PEFT walks them)
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     # PEFT's layer attributes, read from the shared state
     @property
@@ -98,7 +103,15 @@ class LoraLayer(nn.Module):
 
     @property
     def disable_adapters(self) -> bool:
-        return self.state.disabled
+        return self.state.disabled if self._enabled is None else not self._enabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's per-layer switch: this layer alone runs (its active adapters train) or passes the base through
+        (its adapter tensors frozen). The model-level enable/disable_adapter_layers() resets it."""
+        self._enabled = bool(enabled)
+        for name in self.r:
+            for p in self.adapter_params(name):
+                p.requires_grad_(enabled and name in self.state.active)
 
     @property
     def merged(self) -> bool:
@@ -301,7 +314,7 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         st = self.state
-        if st.disabled or self.merged_adapters:
+        if self.disable_adapters or self.merged_adapters:
             return out
         if st.row_adapters is not None:
             return self._mixed_forward(x, out, st.row_adapters)
@@ -468,6 +481,9 @@ class LoraLayer(nn.Module):
 class ModulesToSave(nn.Module):
     """A whole module trained in full (a classifier head, say): one copy per adapter, the original kept frozen."""
 
+    adapter_layer_names: tuple[str, ...] = ()  # as PEFT's wrapper: none of LoRA's per-adapter containers
+    other_param_names: tuple[str, ...] = ()
+
     def __init__(self, original_module: nn.Module, state: AdapterState):
         super().__init__()
         self.original_module = original_module
@@ -482,6 +498,10 @@ class ModulesToSave(nn.Module):
         if self.state.disabled or name not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[name]
+
+    @property
+    def _adapters(self) -> set[str]:  # PEFT's AuxiliaryTrainingWrapper registry
+        return set(self.modules_to_save)
 
     @property
     def active_adapter(self) -> str | None:

@@ -148,13 +148,17 @@ class PeftModel(nn.Module):
         self._state.active = [a for a in self._state.active if a != adapter_name] or list(self.peft_config)[:1]
         self._mark_prompts()
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter; it trains unless loaded for inference or inference_mode=True."""
         self._check_known(adapter_name)
         if self._is_prompt():
             self._state.active = [adapter_name]
             self._mark_prompts()
+            if inference_mode:
+                for p in self._adapter_tensors(adapter_name):
+                    p.requires_grad_(False)
         else:
-            self.base_model.set_adapter(adapter_name)
+            self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _check_known(self, name: str) -> None:
         check_known(self.peft_config, name)
@@ -178,15 +182,32 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly the base model (merged weights are unmerged first)."""
-        if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
+        """Inside the block the model computes exactly the base model (merged weights are unmerged first); on exit
+        the adapters are as they were: enabled, or still disabled. Layers switched on and off one by one cannot be
+        restored, so they all come back on (PEFT's rule, with its warning)."""
+        layers = lora.lora_layers(self.get_base_model())
+        if any(m.merged_adapters for _, m in layers):
             warnings.warn("disable_adapter() unmerges the merged adapters", stacklevel=3)
             self.unmerge_adapter()
-        self._state.disabled = True
+        states = {m.disable_adapters for _, m in layers} or {self._state.disabled}
+        if len(states) > 1:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled",
+                stacklevel=3,
+            )
+        was_enabled = states != {True}
+        if self._is_prompt():
+            self._state.disabled = True
+        else:
+            self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self._state.disabled = False
+            if self._is_prompt():
+                self._state.disabled = not was_enabled
+            elif was_enabled:
+                self.base_model.enable_adapter_layers()
 
     @contextlib.contextmanager
     def _rows(self, adapter_names: list[str] | None) -> Iterator[None]:

@@ -115,13 +115,18 @@ class LoraModel(nn.Module):
         self._state.active = active or list(self.peft_config)[:1]
         self._mark_trainable()
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make these adapters active (several: their deltas add up); only active adapters train."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make these adapters active (several: their deltas add up); only active adapters train, and none with
+        inference_mode=True (PEFT's keyword)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_known(n)
         self._state.active = names
         self._mark_trainable()
+        if inference_mode:
+            for n in names:
+                for p in self.adapter_parameters(n):
+                    p.requires_grad_(False)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -133,10 +138,27 @@ class LoraModel(nn.Module):
         return a[0] if len(a) == 1 else list(a)
 
     def disable_adapter_layers(self) -> None:
+        """Every layer computes the base again and no adapter tensor trains (PEFT's rules), until enabled."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":  # the trained base biases stay: the output is not the base model's
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the same "
+                    "output as the base model would without adaption.",
+                    stacklevel=2,
+                )
         self._state.disabled = True
+        for _, m in lora.lora_layers(self.model):
+            m._enabled = None  # the model-level switch overrides a layer's own
+        for name in self.peft_config:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(False)
 
     def enable_adapter_layers(self) -> None:
         self._state.disabled = False
+        for _, m in lora.lora_layers(self.model):
+            m._enabled = None
+        self._mark_trainable()
 
     def _check_known(self, name: str) -> None:
         check_known(self.peft_config, name)

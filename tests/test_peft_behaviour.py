@@ -101,3 +101,52 @@ def test_trained_biases_load_into_a_model_whose_config_trains_none(bias):
         torch.testing.assert_close(fresh(x), m(x))
         outs.append((sorted(sd), sorted(result.unexpected_keys)))
     assert outs[0] == outs[1]
+
+
+def _grads(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_enabling_disabling_and_inference_mode_set_requires_grad_as_peft():
+    def script(lib):
+        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        seen = [_grads(model)]
+        model.disable_adapter_layers()
+        seen.append(_grads(model))
+        with model.disable_adapter():  # all disabled before: still disabled after
+            seen.append(_grads(model))
+        seen.append([m.disable_adapters for m in model.modules() if hasattr(m, "lora_A")])
+        model.enable_adapter_layers()
+        with model.disable_adapter():
+            seen.append(_grads(model))
+        seen.append(_grads(model))
+        model.set_adapter("other", inference_mode=True)
+        seen.append(_grads(model))
+        model.set_adapter("other")
+        seen.append(_grads(model))
+        layer = model.base_model.model.lin0
+        seen.append((layer.adapter_layer_names[:4], layer.other_param_names[:5]))
+        layer.enable_adapters(False)  # one layer off on its own
+        seen.append((_grads(model), layer.disable_adapters))
+        return seen
+
+    assert script(smolpeft) == script(peft)
+
+
+def test_irregular_enabled_state_warns_and_ends_enabled():
+    x = torch.randn(2, 10)
+    outs = []
+    for lib in (peft, smolpeft):
+        torch.manual_seed(0)
+        cfg = lib.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False)
+        model = lib.get_peft_model(MLP(), cfg).eval()
+        layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        layers[0].enable_adapters(False)  # lin0 runs its base only, lin1 its adapter
+        with torch.no_grad():
+            outs.append(model(x))
+        with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+            with model.disable_adapter():
+                pass
+        assert [m.disable_adapters for m in layers] == [False, False]
+    torch.testing.assert_close(outs[0], outs[1])
