@@ -197,12 +197,23 @@ class LoraModel(nn.Module):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights: W += s·B A. Forward then costs exactly the base model."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         layers = lora.lora_layers(self.model)
-        for name in adapter_names or self.active_adapters:
+        names = list(adapter_names or self.active_adapters)
+        for name in names:
             self._check_known(name)
-            if any(name in m.merged_adapters for _, m in layers):
-                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
-                continue
+        merged = list(dict.fromkeys(n for _, m in layers for n in m.merged_adapters))
+        todo = [n for n in names if n not in merged]
+        if merged and todo:  # PEFT's words (it says them once per layer; once is enough)
+            warnings.warn(
+                f"Already following adapters were merged {','.join(merged)}. "
+                f"You are now additionally merging {','.join(todo)}.",
+                stacklevel=3,
+            )
+        elif merged:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        for name in todo:
             for _, m in layers:
                 m.merge(name, safe=safe_merge)
 

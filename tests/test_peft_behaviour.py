@@ -150,3 +150,18 @@ def test_irregular_enabled_state_warns_and_ends_enabled():
                 pass
         assert [m.disable_adapters for m in layers] == [False, False]
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_merging_again_warns_peft_s_words():
+    for lib in (peft, smolpeft):
+        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"]))
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+            model.merge_adapter()
+        with pytest.warns(
+            UserWarning, match="Already following adapters were merged default. You are now additionally"
+        ):
+            model.merge_adapter(["default", "other"])
+        with pytest.raises(TypeError, match="adapter_names should be a list of strings"):
+            model.base_model.merge_adapter("other")
