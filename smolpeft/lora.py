@@ -541,7 +541,10 @@ def expand_rows(names: list[str], batch: int) -> list[str]:
     if len(names) == batch:
         return names
     if batch % len(names):
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(names)} and {batch} respectively."
+        )
     k = batch // len(names)
     return [n for n in names for _ in range(k)]
 
@@ -591,7 +594,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
-                f"no default target_modules for model_type={model_type!r}; pass target_modules "
+                f"no default target_modules for model_type={model_type!r}: Please specify `target_modules` in "
+                "`peft_config` "
                 f"(known defaults: {', '.join(sorted(DEFAULT_TARGETS))})"
             )
         spec = DEFAULT_TARGETS[model_type]

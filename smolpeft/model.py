@@ -107,7 +107,9 @@ class PeftModel(nn.Module):
             )
             return
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise ValueError(
+                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
+            )
         if adapter_name == BASE:
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches")
         emb = self.word_embeddings
@@ -217,10 +219,15 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(
-                f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}, {BASE}"
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} "
+                f"(known: {', '.join(self.peft_config)}, {BASE})"
             )
+        if self.training:  # as PEFT: one adapter per row is for inference
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
-            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         self._state.row_adapters = list(adapter_names)
         try:
             yield
@@ -438,7 +445,9 @@ class PeftModel(nn.Module):
         self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True, low_cpu=False
     ) -> None:
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise ValueError(
+                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
+            )
         checkpoint.check_header(path, self.get_base_model(), config, ignore_sizes)
         weights = checkpoint.read_weights(path, device=device)
         config.inference_mode = not is_trainable

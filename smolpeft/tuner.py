@@ -78,7 +78,9 @@ class LoraModel(nn.Module):
         if autocast_adapter_dtype is not None:
             self._autocast = autocast_adapter_dtype
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise ValueError(
+                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
+            )
         if adapter_name == lora.BASE:
             raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
         self.peft_config[adapter_name] = config
@@ -121,6 +123,12 @@ class LoraModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_known(n)
+        for _, m in self.model.named_modules():  # a trained copy of a module is one adapter's, never a sum
+            both = [n for n in names if isinstance(m, ModulesToSave) and n in m.modules_to_save]
+            if len(both) > 1:
+                raise ValueError(
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(both)} {both}"
+                )
         self._state.active = names
         self._mark_trainable()
         if inference_mode:
@@ -277,8 +285,8 @@ class LoraModel(nn.Module):
         ]
         if shared:
             raise ValueError(
-                f"Cannot add weighted adapters if they target the same module with modules_to_save: {shared} "
-                "(trained copies of a whole module cannot be combined)"
+                "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s). (trained copies of a whole module cannot be combined: {shared})"
             )
         ranks = [c.r for c in configs]
         if any(c.rank_pattern or c.alpha_pattern for c in configs) and combination_type == "linear":

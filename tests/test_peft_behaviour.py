@@ -3,6 +3,7 @@ the same outputs, the same files."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import peft
@@ -165,3 +166,29 @@ def test_merging_again_warns_peft_s_words():
             model.merge_adapter(["default", "other"])
         with pytest.raises(TypeError, match="adapter_names should be a list of strings"):
             model.base_model.merge_adapter("other")
+
+
+def test_refusals_use_peft_s_messages():
+    x = torch.randn(4, 10)
+    for lib in (peft, smolpeft):
+        cfg = dict(target_modules=["lin0"], modules_to_save=["lin1"])
+        model = lib.get_peft_model(MLP(), lib.LoraConfig(**cfg))
+        model.add_adapter("other", lib.LoraConfig(**cfg))
+        with pytest.raises(ValueError, match="Adapter with name 'other' already exists"):
+            model.add_adapter("other", lib.LoraConfig(**cfg))
+        with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+            model.base_model.set_adapter(["default", "other"])
+        with pytest.raises(ValueError, match=r"same module with modules_to_save, but found 1 such instance\(s\)"):
+            model.add_weighted_adapter(["default", "other"], weights=[1.0, 1.0], adapter_name="sum")
+        with pytest.raises(ValueError, match=r"Cannot pass `adapter_names` when the model is in training mode"):
+            model.train()(x, adapter_names=["default"] * 4)
+        model.eval()
+        with pytest.raises(ValueError, match=re.escape("non-existing adapter(s): nope, nope2")):
+            model(x, adapter_names=["nope2", "nope", "default", "default"])
+        with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs"):
+            model(x, adapter_names=["default"] * 3)
+        model.merge_adapter()
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+            model(x, adapter_names=["default"] * 4)
+        with pytest.raises(ValueError, match="Please specify `target_modules`"):
+            lib.get_peft_model(MLP(), lib.LoraConfig())
