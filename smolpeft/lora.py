@@ -477,6 +477,13 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
 
+    def __repr__(self) -> str:
+        """PEFT's layer names: lora.Linear (also for Conv1D), lora.Embedding, lora.Linear4bit, lora.Linear8bitLt."""
+        kind = "Embedding" if self.is_embedding else "Linear"
+        if is_quantized(self.base_layer):
+            kind = type(self.base_layer).__name__
+        return f"lora.{kind}" + super().__repr__().removeprefix(type(self).__name__)
+
 
 class ModulesToSave(nn.Module):
     """A whole module trained in full (a classifier head, say): one copy per adapter, the original kept frozen."""

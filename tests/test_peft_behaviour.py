@@ -192,3 +192,16 @@ def test_refusals_use_peft_s_messages():
             model(x, adapter_names=["default"] * 4)
         with pytest.raises(ValueError, match="Please specify `target_modules`"):
             lib.get_peft_model(MLP(), lib.LoraConfig())
+
+
+def test_layer_repr_names_peft_s_classes():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.emb = nn.Linear(10, 20), nn.Embedding(100, 5)
+
+    for lib in (peft, smolpeft):
+        m = lib.get_peft_model(M(), lib.LoraConfig(target_modules=["lin0", "emb"])).base_model.model
+        assert repr(m.lin0).startswith("lora.Linear(\n  ") and "in_features=10, out_features=20" in repr(m.lin0)
+        assert repr(m.emb).startswith("lora.Embedding(\n  ") and "Embedding(100, 5)" in repr(m.emb)
+        assert "lora_embedding_A" in repr(m.emb) and "default" in repr(m.emb)
