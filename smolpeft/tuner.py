@@ -83,6 +83,12 @@ class LoraModel(nn.Module):
             )
         if adapter_name == lora.BASE:
             raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
+        if adapter_name in self.prefix:  # "lora", "ora_": keys of such an adapter are ambiguous in PEFT's loader
+            warnings.warn(
+                f"Adapter name '{adapter_name}' should not be contained in the prefix '{self.prefix}'. "
+                "This may lead to reinitialization of the adapter weights during loading.",
+                stacklevel=3,
+            )
         self.peft_config[adapter_name] = config
         try:
             heads = list(config.modules_to_save or [])

@@ -205,3 +205,12 @@ def test_layer_repr_names_peft_s_classes():
         assert repr(m.lin0).startswith("lora.Linear(\n  ") and "in_features=10, out_features=20" in repr(m.lin0)
         assert repr(m.emb).startswith("lora.Embedding(\n  ") and "Embedding(100, 5)" in repr(m.emb)
         assert "lora_embedding_A" in repr(m.emb) and "default" in repr(m.emb)
+
+
+@pytest.mark.parametrize("name", ["lora", "ora_", "adapter"])
+def test_adapter_names_inside_the_prefix_warn_as_peft(name):
+    def msgs(lib):
+        return [m for m in _warnings(lambda: lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]), name))]
+
+    ours, theirs = ([m for m in msgs(lib) if "should not be contained in the prefix" in m] for lib in (smolpeft, peft))
+    assert ours == theirs and bool(ours) == (name != "adapter")
