@@ -98,6 +98,11 @@ class PeftModel(nn.Module):
         if not isinstance(peft_config, kind):
             have = "PROMPT_TUNING" if self._is_prompt() else "LORA"
             raise ValueError(f"cannot mix {peft_config.peft_type.value} with {have} adapters in one model")
+        if self._is_prompt() and peft_config.task_type in _LORA_ONLY_TASKS:
+            raise ValueError(
+                f"PromptTuningConfig.task_type={peft_config.task_type!r} is not supported by smolpeft: prompt tuning "
+                "does CAUSAL_LM, SEQ_CLS and FEATURE_EXTRACTION (LoRA does every task)"
+            )
         if not self._is_prompt():
             self.base_model.add_adapter(
                 adapter_name,
@@ -639,10 +644,35 @@ class PeftModelForFeatureExtraction(PeftModel):
     forward = _named_forward
 
 
+class PeftModelForTokenClassification(PeftModel):
+    """A token classifier with adapters; its head (`classifier` / `score`) is trained and saved with each adapter."""
+
+    forward = _named_forward
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """An extractive question-answering model with adapters; its `qa_outputs` head is trained and saved with each
+    adapter. start_positions / end_positions go to the model as they are."""
+
+    forward = _named_forward
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """An encoder-decoder LM with LoRA adapters (decoder_input_ids and the like go to the model as they are).
+    Prompt tuning on encoder-decoder models is not supported by smolpeft and is refused."""
+
+    forward = _named_forward
+
+
+_LORA_ONLY_TASKS = {TaskType.TOKEN_CLS.value, TaskType.QUESTION_ANS.value, TaskType.SEQ_2_SEQ_LM.value}
+
 _TASK_CLASSES = {
     TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
     TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
     TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
 }
 
 

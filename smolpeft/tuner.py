@@ -19,6 +19,12 @@ from .config import LoraConfig, TaskType
 from .lora import AdapterState, LoraLayer, ModulesToSave
 
 CLS_HEADS = ["classifier", "score"]  # PEFT trains the classification head with every SEQ_CLS adapter
+# The heads each task's adapters train and save with them, as PEFT's task classes add them to modules_to_save.
+TASK_HEADS = {
+    TaskType.SEQ_CLS.value: CLS_HEADS,
+    TaskType.TOKEN_CLS.value: CLS_HEADS,
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
 
 
 def check_known(peft_config: dict, name: str) -> None:
@@ -92,8 +98,7 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         try:
             heads = list(config.modules_to_save or [])
-            if config.task_type == TaskType.SEQ_CLS.value:
-                heads += [h for h in CLS_HEADS if h not in heads]
+            heads += [h for h in TASK_HEADS.get(config.task_type, []) if h not in heads]
             if heads:
                 lora.add_modules_to_save(self.model, heads, adapter_name, self._state)
             targets = lora.inject(

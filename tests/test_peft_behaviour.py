@@ -11,6 +11,7 @@ import pytest
 import tiny
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 import smolpeft
@@ -214,3 +215,36 @@ def test_adapter_names_inside_the_prefix_warn_as_peft(name):
 
     ours, theirs = ([m for m in msgs(lib) if "should not be contained in the prefix" in m] for lib in (smolpeft, peft))
     assert ours == theirs and bool(ours) == (name != "adapter")
+
+
+@pytest.mark.parametrize("task", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_token_classification_and_qa_train_and_save_their_heads_as_peft(task, tmp_path):
+    from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
+
+    cls = BertForTokenClassification if task == "TOKEN_CLS" else BertForQuestionAnswering
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    x = torch.randint(0, 64, (2, 7))
+    out = {}
+    for lib in (peft, smolpeft):
+        torch.manual_seed(0)
+        kw = dict(r=2, target_modules=["query", "value"], init_lora_weights=False, task_type=task)
+        model = lib.get_peft_model(cls(cfg), lib.LoraConfig(**kw)).eval()
+        assert type(model).__name__ == {"TOKEN_CLS": "PeftModelForTokenClassification"}.get(
+            task, "PeftModelForQuestionAnswering"
+        )
+        model.save_pretrained(tmp_path / lib.__name__)
+        with torch.no_grad():
+            res = model(input_ids=x)
+        out[lib.__name__] = (_grads(model), res.logits if task == "TOKEN_CLS" else res.start_logits)
+    assert out["smolpeft"][0] == out["peft"][0]  # the same tensors train (the head among them)
+    torch.manual_seed(0)  # the same base as peft's
+    back = smolpeft.PeftModel.from_pretrained(cls(cfg), tmp_path / "peft")
+    assert type(back) is type(model)
+    with torch.no_grad():
+        res = back(input_ids=x)
+    torch.testing.assert_close(res.logits if task == "TOKEN_CLS" else res.start_logits, out["peft"][1])
+    assert sorted(load_file(tmp_path / "smolpeft/adapter_model.safetensors")) == sorted(
+        load_file(tmp_path / "peft/adapter_model.safetensors")
+    )
+    with pytest.raises(ValueError, match=f"PromptTuningConfig.task_type='{task}' is not supported"):
+        smolpeft.get_peft_model(cls(cfg), smolpeft.PromptTuningConfig(num_virtual_tokens=2, task_type=task))
