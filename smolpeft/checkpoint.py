@@ -461,9 +461,14 @@ def write_model_card(
     or over the card already there, whose text is kept (PEFT updates an existing card rather than replacing it).
     `base_model` is the base's config `_name_or_path` (None for a model without a config), `tags` PEFT's tags.
     (PEFT also means to note a bitsandbytes quantization config, but its check never fires, so neither do we.)"""
+    from importlib.metadata import PackageNotFoundError, version
+
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
+    try:  # the installed distribution's version (the package root is not imported from here)
+        __version__ = version("smolpeft")
+    except PackageNotFoundError:
+        __version__ = "(not installed)"
 
     path = os.path.join(directory, "README.md")
     card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
