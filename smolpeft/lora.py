@@ -307,7 +307,11 @@ class LoraLayer(nn.Module):
     def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.factors(name)
         if self.is_embedding:
-            return F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * self.scaling[name]
+            delta = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * self.scaling[name]
+            # Scaled embeddings (Gemma's embed_scale) scale their output, so the rows of ΔW are scaled too, as they are
+            # once merged into W.
+            embed_scale = getattr(self.base_layer, "embed_scale", None)
+            return delta if embed_scale is None else delta * embed_scale.to(delta.dtype)
         bias = self.lora_B[name].bias  # None unless lora_bias
         return F.linear(F.linear(self.lora_dropout[name](x.to(A.dtype)), A), B, bias) * self.scaling[name]
 

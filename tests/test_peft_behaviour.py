@@ -248,3 +248,28 @@ def test_token_classification_and_qa_train_and_save_their_heads_as_peft(task, tm
     )
     with pytest.raises(ValueError, match=f"PromptTuningConfig.task_type='{task}' is not supported"):
         smolpeft.get_peft_model(cls(cfg), smolpeft.PromptTuningConfig(num_virtual_tokens=2, task_type=task))
+
+
+def test_scaled_embeddings_scale_the_lora_delta_as_peft():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8,
+    )  # fmt: skip
+    x = torch.arange(10)[None]
+    outs = []
+    for lib in (peft, smolpeft):
+        torch.manual_seed(0)
+        base = Gemma3ForCausalLM(cfg)
+        model = lib.get_peft_model(base, lib.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=False))
+        emb = model.base_model.model.get_input_embeddings()
+        with torch.no_grad():
+            unmerged = emb(x)
+            model.merge_adapter()
+            torch.testing.assert_close(emb(x), unmerged, atol=1e-5, rtol=1e-5)
+            model.unmerge_adapter()
+            base.get_input_embeddings().base_layer.embed_scale.fill_(0)
+            assert (emb(x) == 0).all()
+        outs.append(unmerged)
+    torch.testing.assert_close(outs[0], outs[1])
