@@ -22,6 +22,13 @@ from .lora import LoraLayer, layer_shape, pattern_value, resolve_targets
 from .storage import atomic_write
 
 BIN_NAME = "adapter_model.bin"
+
+
+class SizeMismatchError(ValueError, RuntimeError):
+    """A tensor of the file does not fit the model. PEFT (torch's load_state_dict) raises RuntimeError "size
+    mismatch"; smolpeft raised ValueError: both are caught."""
+
+
 _MAX_HEADER = 100 << 20  # safetensors headers are JSON; anything this large is not an adapter
 
 
@@ -225,17 +232,25 @@ def copy_into(
         )
     if strict and missing:
         raise KeyError(f"{source}: {len(missing)} adapter weights are missing, e.g. {missing[0]!r}")
-    keep = {}
+    keep, skipped = {}, []
     for k, p in params.items():
         if k not in loaded:
             continue
         if loaded[k].shape != p.shape:
             if ignore_mismatched_sizes:
+                skipped.append(f"- {k}: found shape {loaded[k].shape} in the checkpoint and {p.shape} in the model")
                 continue
-            raise ValueError(
-                f"{source}: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects {tuple(p.shape)}"
+            raise SizeMismatchError(
+                f"{source}: size mismatch: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects "
+                f"{tuple(p.shape)} (pass ignore_mismatched_sizes=True to skip such tensors)"
             )
         keep[k] = p
+    if skipped:  # PEFT's warning: those tensors keep their initial values
+        warnings.warn(
+            "Some weights of PeftModel were not initialized from the model checkpoint and are being ignored because "
+            "you passed `ignore_mismatched_sizes=True`: " + "\n".join(skipped),
+            stacklevel=4,
+        )
     with torch.no_grad():
         for k, p in keep.items():
             if p.is_meta:  # created with low_cpu_mem_usage: the loaded tensor takes its place (same object, dtype)
@@ -367,8 +382,8 @@ def check_header(directory: str | os.PathLike, inner: nn.Module, config, ignore_
             full = f"base_model.model.{target}.{key}"
             got = shapes.get(full)
             if got is not None and got != want and not ignore_mismatched_sizes:
-                raise ValueError(
-                    f"{path}: key {full!r} has shape {got}, the model expects {want} "
+                raise SizeMismatchError(
+                    f"{path}: size mismatch: key {full!r} has shape {got}, the model expects {want} "
                     f"(config r={r}, layer {fan_in} -> {fan_out})"
                 )
     if promised > 2 * file_numel + (1 << 20) and not ignore_mismatched_sizes:

@@ -273,3 +273,18 @@ def test_scaled_embeddings_scale_the_lora_delta_as_peft():
             assert (emb(x) == 0).all()
         outs.append(unmerged)
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_size_mismatch_raises_what_peft_raises_and_can_be_skipped(tmp_path):
+    class Emb(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.emb = nn.Embedding(n, 5)
+
+    model = smolpeft.get_peft_model(Emb(100), smolpeft.LoraConfig(target_modules=["emb"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    for lib in (peft, smolpeft):
+        with pytest.raises(RuntimeError, match=r"size mismatch.*100.*105|size mismatch.*105.*100"):
+            lib.PeftModel.from_pretrained(Emb(105), tmp_path)
+        with pytest.warns(UserWarning, match="ignored because you passed `ignore_mismatched_sizes=True`"):
+            lib.PeftModel.from_pretrained(Emb(105), tmp_path, ignore_mismatched_sizes=True)
