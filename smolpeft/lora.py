@@ -536,6 +536,12 @@ class ModulesToSave(nn.Module):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             parts[name] = (rows, self._pick(name)(x[rows], *args, **kwargs))
         first = next(iter(parts.values()))[1]
+        if not isinstance(first, torch.Tensor):  # rows of a tuple (a GRU's output and state) cannot be put back
+            raise TypeError(
+                "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
+                f"Conv3d. (smolpeft also mixes any module returning one tensor; {type(self.original_module).__name__} "
+                f"returns {type(first).__name__})"
+            )
         out = first.new_empty((x.shape[0], *first.shape[1:]))
         for rows, y in parts.values():
             out[rows] = y

@@ -288,3 +288,20 @@ def test_size_mismatch_raises_what_peft_raises_and_can_be_skipped(tmp_path):
             lib.PeftModel.from_pretrained(Emb(105), tmp_path)
         with pytest.warns(UserWarning, match="ignored because you passed `ignore_mismatched_sizes=True`"):
             lib.PeftModel.from_pretrained(Emb(105), tmp_path, ignore_mismatched_sizes=True)
+
+
+def test_mixed_batch_over_a_module_returning_a_tuple_raises_as_peft():
+    class WithGRU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.gru = nn.Linear(10, 8), nn.GRU(8, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.lin0(x).unsqueeze(1))[0]
+
+    for lib in (peft, smolpeft):
+        cfg = dict(target_modules=["lin0"], modules_to_save=["gru"], init_lora_weights=False)
+        model = lib.get_peft_model(WithGRU(), lib.LoraConfig(**cfg), "a").eval()
+        model.add_adapter("b", lib.LoraConfig(**cfg))
+        with pytest.raises(TypeError, match="Mixed batching is only supported for the following modules: Linear"):
+            model(torch.randn(4, 10), adapter_names=["a", "b", "a", "b"])
