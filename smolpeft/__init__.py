@@ -28,7 +28,10 @@ from .model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
     get_peft_model,
 )
 from .prompt import PromptEmbedding
@@ -53,7 +56,10 @@ __all__ = [
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "PeftType",
     "PeftWarning",
     "PromptEmbedding",

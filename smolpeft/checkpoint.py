@@ -22,6 +22,13 @@ from .lora import LoraLayer, layer_shape, pattern_value, resolve_targets
 from .storage import atomic_write
 
 BIN_NAME = "adapter_model.bin"
+
+
+class SizeMismatchError(ValueError, RuntimeError):
+    """A tensor of the file does not fit the model. PEFT (torch's load_state_dict) raises RuntimeError "size
+    mismatch"; smolpeft raised ValueError: both are caught."""
+
+
 _MAX_HEADER = 100 << 20  # safetensors headers are JSON; anything this large is not an adapter
 
 
@@ -50,7 +57,7 @@ def _embedding_layers(model: nn.Module, adapter_name: str, save: bool | str, sta
     """Full embedding weights saved next to the adapter: with save_embedding_layers=True, or "auto" when LoRA
     targets an embedding layer (PEFT's rule) or the vocabulary was resized since the base checkpoint."""
     config = model.peft_config[adapter_name]
-    inner = model.get_base_model()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # or a bare injected model
     targets = getattr(config, "target_modules", None) or []
     names = [n for n, _ in inner.named_modules() if re.match(r"(.*\.)?(embed_tokens|lm_head)$", n)]
     if isinstance(targets, str) and targets != "all-linear":
@@ -58,11 +65,27 @@ def _embedding_layers(model: nn.Module, adapter_name: str, save: bool | str, sta
     else:
         targeted = any(k in targets for k in ("embed_tokens", "lm_head"))
     if save == "auto":
-        save = targeted or _vocab_resized(inner, config)
+        if targeted:
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=4
+            )
+            save = True
+        elif _vocab_resized(inner, config):
+            warnings.warn(
+                "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
+                stacklevel=4,
+            )
+            save = True
+        else:
+            save = False
+    if save and not hasattr(inner, "get_input_embeddings"):
+        warnings.warn(
+            "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.", stacklevel=4
+        )
     if not save or not hasattr(inner, "get_input_embeddings"):
         return {}
     layers = [inner.get_input_embeddings(), inner.get_output_embeddings()]
-    prefix = "base_model.model." if isinstance(config, LoraConfig) else "base_model."
+    prefix = "" if inner is model else "base_model.model." if isinstance(config, LoraConfig) else "base_model."
     out = {}
     for path, m in inner.named_modules():
         base = m.base_layer if isinstance(m, LoraLayer) else m
@@ -100,6 +123,9 @@ def get_peft_model_state_dict(
     return out | _embedding_layers(model, adapter_name, save_embedding_layers, state)
 
 
+_WRAPPER_PART = r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
+
+
 def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) -> dict[str, Any]:
     """Base biases saved with bias="all" (every `*.bias` key not another adapter's) or "lora_only" (`base_layer.bias`
     of the LoRA-wrapped layers), under PEFT's keys: the adapter name dropped before the last part."""
@@ -112,7 +138,9 @@ def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) 
             if (k == "bias" or k.endswith(".bias")) and not any(f".{o}." in k or k.endswith(f".{o}") for o in others)
         ]
     elif bias == "lora_only":
-        keys = [f"{p}.base_layer.bias" for p, m in model.named_modules() if isinstance(m, LoraLayer)]
+        # Module paths as state-dict keys spell them: FSDP and activation checkpointing wrappers leave them out.
+        paths = [re.sub(_WRAPPER_PART, "", p) for p, m in model.named_modules() if isinstance(m, LoraLayer)]
+        keys = [f"{p}.base_layer.bias" for p in paths]
         keys = [k for k in keys if k in state]
     else:
         return {}
@@ -122,7 +150,9 @@ def _trained_biases(model: nn.Module, adapter_name: str, state: dict[str, Any]) 
 def _live(model: nn.Module, adapter_name: str, loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """File key -> live tensor of the model for adapter `adapter_name` (embedding layers only if the file has them)."""
     state = model.state_dict(keep_vars=True)
-    live = get_peft_model_state_dict(model, state, adapter_name, save_embedding_layers=True)
+    with warnings.catch_warnings():  # "not a transformers model" is about saving; here we only look
+        warnings.simplefilter("ignore")
+        live = get_peft_model_state_dict(model, state, adapter_name, save_embedding_layers=True)
     own = {fk for k in state if (fk := _file_key(k, adapter_name)) is not None}
     return {k: v for k, v in live.items() if k in own or k in loaded}
 
@@ -163,6 +193,10 @@ def set_peft_model_state_dict(
     """Copy a state dict with PEFT's file keys into adapter `adapter_name`; returns the missing and unexpected keys
     (missing adapter keys stay as they are, as in PEFT). Shapes are checked before anything is copied."""
     live = _live(model, adapter_name, peft_model_state_dict)
+    # Like PEFT's load_state_dict(strict=False): a key naming a tensor of the model as it is (a base bias trained
+    # with bias="all"/"lora_only" under another config, say) is loaded there too; other adapters' tensors never are.
+    base = {k: v for k, v in model.state_dict(keep_vars=True).items() if not _ADAPTER_PART.search(k)}
+    live |= {k: base[k] for k in peft_model_state_dict if k not in live and k in base}
     present = {k: v for k, v in live.items() if k in peft_model_state_dict}
     copy_into(present, peft_model_state_dict, "state dict", ignore_mismatched_sizes, strict=False)
     return _IncompatibleKeys(
@@ -198,20 +232,32 @@ def copy_into(
         )
     if strict and missing:
         raise KeyError(f"{source}: {len(missing)} adapter weights are missing, e.g. {missing[0]!r}")
-    keep = {}
+    keep, skipped = {}, []
     for k, p in params.items():
         if k not in loaded:
             continue
         if loaded[k].shape != p.shape:
             if ignore_mismatched_sizes:
+                skipped.append(f"- {k}: found shape {loaded[k].shape} in the checkpoint and {p.shape} in the model")
                 continue
-            raise ValueError(
-                f"{source}: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects {tuple(p.shape)}"
+            raise SizeMismatchError(
+                f"{source}: size mismatch: key {k!r} has shape {tuple(loaded[k].shape)}, the model expects "
+                f"{tuple(p.shape)} (pass ignore_mismatched_sizes=True to skip such tensors)"
             )
         keep[k] = p
+    if skipped:  # PEFT's warning: those tensors keep their initial values
+        warnings.warn(
+            "Some weights of PeftModel were not initialized from the model checkpoint and are being ignored because "
+            "you passed `ignore_mismatched_sizes=True`: " + "\n".join(skipped),
+            stacklevel=4,
+        )
     with torch.no_grad():
         for k, p in keep.items():
-            p.copy_(loaded[k])
+            if p.is_meta:  # created with low_cpu_mem_usage: the loaded tensor takes its place (same object, dtype)
+                new = loaded[k].to(p.dtype)
+                torch.utils.swap_tensors(p, nn.Parameter(new, p.requires_grad) if isinstance(p, nn.Parameter) else new)
+            else:
+                p.copy_(loaded[k])
 
 
 def resolve_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub: Any) -> str:
@@ -338,8 +384,8 @@ def check_header(
             full = f"base_model.model.{target}.{key}"
             got = shapes.get(full)
             if got is not None and got != want and not ignore_mismatched_sizes:
-                raise ValueError(
-                    f"{path}: key {full!r} has shape {got}, the model expects {want} "
+                raise SizeMismatchError(
+                    f"{path}: size mismatch: key {full!r} has shape {got}, the model expects {want} "
                     f"(config r={r}, layer {fan_in} -> {fan_out})"
                 )
     if promised > 2 * file_numel + (1 << 20) and not ignore_mismatched_sizes:
@@ -444,18 +490,41 @@ def principal_to_lora(config: LoraConfig, params: dict[str, torch.Tensor], initi
     return principal_config(config), _stack_principal(params, initial)
 
 
-def write_model_card(directory: str | os.PathLike, config: Any) -> None:
-    """A README.md model card like PEFT's (Hub metadata up front); an existing README is never overwritten."""
+def write_model_card(
+    directory: str | os.PathLike,
+    config: Any,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+    pipeline_tag: str | None = None,
+) -> None:
+    """README.md as PEFT writes it: Hub metadata (library_name, tags, base_model) over the Hub's model-card template,
+    or over the card already there, whose text is kept (PEFT updates an existing card rather than replacing it).
+    `base_model` is the base's config `_name_or_path` (None for a model without a config), `tags` PEFT's tags.
+    (PEFT also means to note a bitsandbytes quantization config, but its check never fires, so neither do we.)"""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    try:  # the installed distribution's version (the package root is not imported from here)
+        __version__ = version("smolpeft")
+    except PackageNotFoundError:
+        __version__ = "(not installed)"
+
     path = os.path.join(directory, "README.md")
-    if os.path.exists(path):
-        return
-    base = config.base_model_name_or_path
-    tags = [f"base_model:adapter:{base}"] if base else []
-    tags += [config.peft_type.value.lower(), "smolpeft"]
-    meta = (f"base_model: {base}\n" if base else "") + "library_name: peft\ntags:\n" + "".join(f"- {t}\n" for t in tags)
-    body = (
-        f"# {os.path.basename(os.path.abspath(directory))}\n\nA {config.peft_type.value} adapter"
-        f"{f' for `{base}`' if base else ''} in PEFT's format, saved by smolpeft. Load it with "
-        "`PeftModel.from_pretrained(base_model, path)` from smolpeft or peft.\n"
-    )
-    atomic_write(path, f"---\n{meta}---\n\n{body}".encode())
+    card = ModelCard.load(path) if os.path.exists(path) else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    card.data["tags"] = sorted(set(tags or []) | {"smolpeft"})
+    if pipeline_tag and not card.data.pipeline_tag:
+        card.data.pipeline_tag = pipeline_tag
+    if base_model is not None:
+        card.data["base_model"] = base_model
+    lines = card.text.splitlines()
+    version = f"- smolpeft {__version__} (PEFT format)"
+    if version not in lines:
+        heading = "### Framework versions"
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, version)
+        else:
+            lines.append(f"{heading}\n\n{version}")
+    card.text = "\n".join(lines)
+    atomic_write(path, str(card).encode())

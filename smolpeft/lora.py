@@ -127,6 +127,11 @@ class LoraLayer(nn.Module):
         self._w_sq: tuple = (None, None)
         self._norms: dict[str, tuple] = {}
         self._merged_norms: dict[str, torch.Tensor] = {}
+        self._enabled: bool | None = None  # this layer switched on/off on its own (enable_adapters); None: the model's
+
+    # PEFT's names of the per-adapter containers and settings (code written against PEFT walks them)
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias")
 
     # PEFT's layer attributes, read from the shared state
     @property
@@ -139,7 +144,15 @@ class LoraLayer(nn.Module):
 
     @property
     def disable_adapters(self) -> bool:
-        return self.state.disabled
+        return self.state.disabled if self._enabled is None else not self._enabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's per-layer switch: this layer alone runs (its active adapters train) or passes the base through
+        (its adapter tensors frozen). The model-level enable/disable_adapter_layers() resets it."""
+        self._enabled = bool(enabled)
+        for name in self.r:
+            for p in self.adapter_params(name):
+                p.requires_grad_(enabled and name in self.state.active)
 
     @property
     def merged(self) -> bool:
@@ -187,7 +200,10 @@ class LoraLayer(nn.Module):
         config: LoraConfig,
         fp32: bool = True,
         tied_to: LoraLayer | None = None,
+        meta: bool = False,
     ) -> None:
+        """Add adapter `name`; meta=True (PEFT's low_cpu_mem_usage) leaves its tensors unallocated on the meta device,
+        to be replaced by loaded ones."""
         if config.lora_bias and self.is_embedding:
             raise ValueError("lora_bias=True is not supported for an Embedding base layer (as in PEFT)")
         if config.lora_bias and self.bias is None:
@@ -200,9 +216,9 @@ class LoraLayer(nn.Module):
         # updates of size lr·grad vanish in bf16. fp32=False keeps a half-precision base's dtype.
         floating = w.dtype.is_floating_point and w.dtype.itemsize >= 2 and not is_quantized(self.base_layer)
         dtype = w.dtype if (w.dtype == torch.float64 or not fp32) and floating else torch.float32
-        # A base on the meta device (sharded loading, whose weights arrive later) gets real adapters, drawn now from
-        # the same RNG stream as on a loaded base.
-        kw = dict(device="cpu" if w.is_meta else w.device, dtype=dtype)
+        # meta=True leaves the adapter unallocated until loaded tensors replace it. A base on the meta device (sharded
+        # loading, whose weights arrive later) gets real adapters, drawn now from the same RNG stream as a loaded base.
+        kw = dict(device="meta" if meta else "cpu" if w.is_meta else w.device, dtype=dtype)
         self.scaling[name], self.r[name], self.lora_alpha[name] = config.scaling(r, alpha), r, alpha
         # Built as PEFT builds them (nn.Linear draws Kaiming-uniform, embeddings randn), so that a seeded script draws
         # the same numbers in both libraries; init=False keeps exactly these values.
@@ -260,7 +276,9 @@ class LoraLayer(nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5)), nn.init.zeros_(B)
             if config.lora_bias and init is not False:
                 nn.init.zeros_(self.lora_B[name].bias)
-        if config.use_dora:  # m starts at ||W + s·B A||, so that W' = W + s·B A: DoRA starts where LoRA would
+        if config.use_dora and meta:
+            self.lora_magnitude_vector[name] = Magnitude(torch.empty(self.out_features, **kw))
+        elif config.use_dora:  # m starts at ||W + s·B A||, so that W' = W + s·B A: DoRA starts where LoRA would
             m = self._row_norm(self._dense_weight(dtype), self.get_delta_weight(name).detach())
             self.lora_magnitude_vector[name] = Magnitude(m)
 
@@ -453,14 +471,18 @@ class LoraLayer(nn.Module):
     def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.factors(name)
         if self.is_embedding:
-            return F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * self.scaling[name]
+            delta = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) @ B.T * self.scaling[name]
+            # Scaled embeddings (Gemma's embed_scale) scale their output, so the rows of ΔW are scaled too, as they are
+            # once merged into W.
+            embed_scale = getattr(self.base_layer, "embed_scale", None)
+            return delta if embed_scale is None else delta * embed_scale.to(delta.dtype)
         bias = self.lora_B[name].bias  # None unless lora_bias
         return F.linear(F.linear(self.lora_dropout[name](x.to(A.dtype)), A), B, bias) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         st = self.state
-        if st.disabled or self.merged_adapters:
+        if self.disable_adapters or self.merged_adapters:
             return out
         if st.row_adapters is not None:
             return self._mixed_forward(x, out, st.row_adapters)
@@ -638,9 +660,19 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
 
+    def __repr__(self) -> str:
+        """PEFT's layer names: lora.Linear (also for Conv1D), lora.Embedding, lora.Linear4bit, lora.Linear8bitLt."""
+        kind = "Embedding" if self.is_embedding else "Linear"
+        if is_quantized(self.base_layer):
+            kind = type(self.base_layer).__name__
+        return f"lora.{kind}" + super().__repr__().removeprefix(type(self).__name__)
+
 
 class ModulesToSave(nn.Module):
     """A whole module trained in full (a classifier head, say): one copy per adapter, the original kept frozen."""
+
+    adapter_layer_names: tuple[str, ...] = ()  # as PEFT's wrapper: none of LoRA's per-adapter containers
+    other_param_names: tuple[str, ...] = ()
 
     def __init__(self, original_module: nn.Module, state: AdapterState):
         super().__init__()
@@ -656,6 +688,10 @@ class ModulesToSave(nn.Module):
         if self.state.disabled or name not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[name]
+
+    @property
+    def _adapters(self) -> set[str]:  # PEFT's AuxiliaryTrainingWrapper registry
+        return set(self.modules_to_save)
 
     @property
     def active_adapter(self) -> str | None:
@@ -679,6 +715,12 @@ class ModulesToSave(nn.Module):
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             parts[name] = (rows, self._pick(name)(x[rows], *args, **kwargs))
         first = next(iter(parts.values()))[1]
+        if not isinstance(first, torch.Tensor):  # rows of a tuple (a GRU's output and state) cannot be put back
+            raise TypeError(
+                "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
+                f"Conv3d. (smolpeft also mixes any module returning one tensor; {type(self.original_module).__name__} "
+                f"returns {type(first).__name__})"
+            )
         out = first.new_empty((x.shape[0], *first.shape[1:]))
         for rows, y in parts.values():
             out[rows] = y
@@ -695,7 +737,10 @@ def expand_rows(names: list[str], batch: int) -> list[str]:
     if len(names) == batch:
         return names
     if batch % len(names):
-        raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} rows")
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(names)} and {batch} respectively."
+        )
     k = batch // len(names)
     return [n for n in names for _ in range(k)]
 
@@ -745,7 +790,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
-                f"no default target_modules for model_type={model_type!r}; pass target_modules "
+                f"no default target_modules for model_type={model_type!r}: Please specify `target_modules` in "
+                "`peft_config` "
                 f"(known defaults: {', '.join(sorted(DEFAULT_TARGETS))})"
             )
         spec = DEFAULT_TARGETS[model_type]
@@ -788,8 +834,10 @@ def pattern_value(name: str, patterns: dict, default: Any) -> Any:
     return default
 
 
-def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState, fp32: bool = True) -> list[str]:
-    """Wrap every target layer in a LoraLayer (once) and add adapter `name` to it."""
+def inject(
+    model: nn.Module, config: LoraConfig, name: str, state: AdapterState, fp32: bool = True, meta: bool = False
+) -> list[str]:
+    """Wrap every target layer in a LoraLayer (once) and add adapter `name` to it (on the meta device: `meta`)."""
     targets = resolve_targets(model, config)
     tied = getattr(config, "target_modules_to_tie", None) or []
     if tied:  # modules tied to the input embedding come last, after the embedding's adapter exists (as in PEFT)
@@ -807,7 +855,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState,
             source = model.get_submodule(input_embedding_path(model))
             if not isinstance(source, LoraLayer) or name not in source.lora_embedding_A:
                 raise ValueError(f"ensure_weight_tying: the input embedding has no LoRA adapter {name!r} to tie to")
-        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32, tied_to=source)
+        layer.add(name, r, alpha, config.lora_dropout, config, fp32=fp32, tied_to=source, meta=meta)
     if config.target_modules == "all-linear":
         config.target_modules = targets  # PEFT (0.21) saves the resolved full names, so the file loads on any version
     elif config.target_modules is None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
+from transformers import PreTrainedModel
 
 from . import checkpoint, lora, storage
 from .config import LoraConfig, PeftConfig, PromptTuningConfig, TaskType, load_config
@@ -56,7 +57,12 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         self._setup(model, isinstance(peft_config, LoraConfig), adapter_name, autocast_adapter_dtype)
-        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.add_adapter(
+            adapter_name,
+            peft_config,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
 
     def _setup(self, model: nn.Module, is_lora: bool, adapter_name: str, autocast_adapter_dtype: bool) -> None:
         """The empty wrapper: a LoraModel tuner for LoRA; for prompt tuning the model itself plus prompt encoders."""
@@ -84,17 +90,31 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add an adapter (not made active, except the first one); a failure leaves the model as it was."""
+        """Add an adapter (not made active, except the first one); a failure leaves the model as it was.
+        low_cpu_mem_usage: LoRA tensors are left on the meta device, for weights loaded afterwards (as in PEFT;
+        prompt tuning builds its small embedding anyway, as PEFT does)."""
         refuse(peft_config)
         kind = PromptTuningConfig if self._is_prompt() else LoraConfig
         if not isinstance(peft_config, kind):
             have = "PROMPT_TUNING" if self._is_prompt() else "LORA"
             raise ValueError(f"cannot mix {peft_config.peft_type.value} with {have} adapters in one model")
+        if self._is_prompt() and peft_config.task_type in _LORA_ONLY_TASKS:
+            raise ValueError(
+                f"PromptTuningConfig.task_type={peft_config.task_type!r} is not supported by smolpeft: prompt tuning "
+                "does CAUSAL_LM, SEQ_CLS and FEATURE_EXTRACTION (LoRA does every task)"
+            )
         if not self._is_prompt():
-            self.base_model.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.base_model.add_adapter(
+                adapter_name,
+                peft_config,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
             return
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise ValueError(
+                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
+            )
         if adapter_name == BASE:
             raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches")
         emb = self.word_embeddings
@@ -135,13 +155,17 @@ class PeftModel(nn.Module):
         self._state.active = [a for a in self._state.active if a != adapter_name] or list(self.peft_config)[:1]
         self._mark_prompts()
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter; it trains unless loaded for inference or inference_mode=True."""
         self._check_known(adapter_name)
         if self._is_prompt():
             self._state.active = [adapter_name]
             self._mark_prompts()
+            if inference_mode:
+                for p in self._adapter_tensors(adapter_name):
+                    p.requires_grad_(False)
         else:
-            self.base_model.set_adapter(adapter_name)
+            self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def _check_known(self, name: str) -> None:
         check_known(self.peft_config, name)
@@ -165,15 +189,32 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes exactly the base model (merged weights are unmerged first)."""
-        if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
+        """Inside the block the model computes exactly the base model (merged weights are unmerged first); on exit
+        the adapters are as they were: enabled, or still disabled. Layers switched on and off one by one cannot be
+        restored, so they all come back on (PEFT's rule, with its warning)."""
+        layers = lora.lora_layers(self.get_base_model())
+        if any(m.merged_adapters for _, m in layers):
             warnings.warn("disable_adapter() unmerges the merged adapters", stacklevel=3)
             self.unmerge_adapter()
-        self._state.disabled = True
+        states = {m.disable_adapters for _, m in layers} or {self._state.disabled}
+        if len(states) > 1:
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled",
+                stacklevel=3,
+            )
+        was_enabled = states != {True}
+        if self._is_prompt():
+            self._state.disabled = True
+        else:
+            self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self._state.disabled = False
+            if self._is_prompt():
+                self._state.disabled = not was_enabled
+            elif was_enabled:
+                self.base_model.enable_adapter_layers()
 
     @contextlib.contextmanager
     def _rows(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -183,10 +224,15 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise ValueError(
-                f"adapter_names has unknown adapters {unknown}; known: {', '.join(self.peft_config)}, {BASE}"
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} "
+                f"(known: {', '.join(self.peft_config)}, {BASE})"
             )
+        if self.training:  # as PEFT: one adapter per row is for inference
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if any(m.merged_adapters for _, m in lora.lora_layers(self.get_base_model())):
-            raise ValueError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         self._state.row_adapters = list(adapter_names)
         try:
             yield
@@ -330,7 +376,22 @@ class PeftModel(nn.Module):
                 config, params = checkpoint.principal_to_lora(config, params, path_initial_model_for_weight_conversion)
             checkpoint.save_weights(params, out, safe_serialization)
             config.save_pretrained(out)
-            checkpoint.write_model_card(out, config)
+            checkpoint.write_model_card(out, config, **self._card_facts())
+
+    def _card_facts(self) -> dict[str, Any]:
+        """What PEFT's model card says about the base model: its config's `_name_or_path`, and tags."""
+        base = self.get_base_model()
+        tags = set(getattr(base, "model_tags", None) or [])
+        if isinstance(getattr(self.base_model, "model", None), PreTrainedModel):  # PEFT's test, as it is
+            tags.add("transformers")
+        if isinstance(self.active_peft_config, LoraConfig):
+            tags.add("lora")
+        if hasattr(base, "name_or_path"):
+            tags.add(f"base_model:adapter:{base.name_or_path}")
+        mc = getattr(base, "config", None)
+        name = mc.to_dict().get("_name_or_path") if hasattr(mc, "to_dict") else None
+        pipeline = "text-generation" if isinstance(self, PeftModelForCausalLM) else None
+        return dict(base_model=name, tags=sorted(tags), pipeline_tag=pipeline)
 
     def push_to_hub(
         self,
@@ -371,25 +432,41 @@ class PeftModel(nn.Module):
         ignore_sizes, dtype = _load_options("load_adapter", kwargs, ephemeral_gpu_offload, key_mapping)
         path = checkpoint.resolve_dir(model_id, **kwargs)
         config = load_config(path)
-        self._load(path, config, adapter_name, is_trainable, torch_device, ignore_sizes, dtype, autocast_adapter_dtype)
+        self._load(
+            path,
+            config,
+            adapter_name,
+            is_trainable,
+            torch_device,
+            ignore_sizes,
+            dtype,
+            autocast_adapter_dtype,
+            low_cpu_mem_usage,
+        )
         # As PEFT, a load result; a file load is strict here, so nothing is ever missing or unexpected.
         return _IncompatibleKeys([], [])
 
-    def _load(self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True) -> None:
+    def _load(
+        self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True, low_cpu=False
+    ) -> None:
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise ValueError(
+                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
+            )
         checkpoint.check_header(path, self.get_base_model(), config, ignore_sizes)
         weights = checkpoint.read_weights(path, device=device)
         config.inference_mode = not is_trainable
         original = config
         if checkpoint.is_principal(config):
             config = checkpoint.principal_config(config)
-        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu, autocast_adapter_dtype=autocast)
         try:
             if config is not original:
                 weights = checkpoint.principal_weights(self.get_base_model(), original, weights)
             source = os.path.join(path, checkpoint.WEIGHTS_NAME)
             checkpoint.load_adapter_weights(self, weights, adapter_name, source, ignore_sizes)
+            if low_cpu and not self._is_prompt():  # the loaded tensors took the meta ones' place, on `device`
+                self.base_model._move_adapter_to_base_device(adapter_name)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -432,7 +509,15 @@ class PeftModel(nn.Module):
         peft_model._setup(model, isinstance(config, LoraConfig), adapter_name, autocast_adapter_dtype)
         try:
             peft_model._load(
-                path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast_adapter_dtype
+                path,
+                config,
+                adapter_name,
+                is_trainable,
+                device,
+                ignore_sizes,
+                dtype,
+                autocast_adapter_dtype,
+                low_cpu_mem_usage,
             )
         except BaseException:
             if not peft_model._is_prompt():
@@ -561,10 +646,35 @@ class PeftModelForFeatureExtraction(PeftModel):
     forward = _named_forward
 
 
+class PeftModelForTokenClassification(PeftModel):
+    """A token classifier with adapters; its head (`classifier` / `score`) is trained and saved with each adapter."""
+
+    forward = _named_forward
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """An extractive question-answering model with adapters; its `qa_outputs` head is trained and saved with each
+    adapter. start_positions / end_positions go to the model as they are."""
+
+    forward = _named_forward
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """An encoder-decoder LM with LoRA adapters (decoder_input_ids and the like go to the model as they are).
+    Prompt tuning on encoder-decoder models is not supported by smolpeft and is refused."""
+
+    forward = _named_forward
+
+
+_LORA_ONLY_TASKS = {TaskType.TOKEN_CLS.value, TaskType.QUESTION_ANS.value, TaskType.SEQ_2_SEQ_LM.value}
+
 _TASK_CLASSES = {
     TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
     TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
     TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
 }
 
 
@@ -582,6 +692,22 @@ def get_peft_model(
         raise ValueError("mixed=True (PeftMixedModel) is not supported by smolpeft")
     refuse(peft_config)
     peft_config = copy.copy(peft_config)
+    # As PEFT: the config names the model actually wrapped (None for a model with no name_or_path, not "");
+    # a name the user set that differs is overwritten, with a warning.
+    old_name, new_name = peft_config.base_model_name_or_path, model.__dict__.get("name_or_path") or None
+    peft_config.base_model_name_or_path = new_name
+    if lora.lora_layers(model):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before.",
+            stacklevel=2,
+        )
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+            "Please ensure that the correct base model is loaded when loading this checkpoint.",
+            stacklevel=2,
+        )
     if revision is not None:
         peft_config.revision = revision
     cls = _TASK_CLASSES.get(peft_config.task_type, PeftModel)

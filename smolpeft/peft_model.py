@@ -4,5 +4,8 @@ from .model import (  # noqa: F401
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
 )

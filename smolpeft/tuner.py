@@ -19,6 +19,12 @@ from .config import LoraConfig, TaskType
 from .lora import AdapterState, LoraLayer, ModulesToSave
 
 CLS_HEADS = ["classifier", "score"]  # PEFT trains the classification head with every SEQ_CLS adapter
+# The heads each task's adapters train and save with them, as PEFT's task classes add them to modules_to_save.
+TASK_HEADS = {
+    TaskType.SEQ_CLS.value: CLS_HEADS,
+    TaskType.TOKEN_CLS.value: CLS_HEADS,
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
 
 
 def check_known(peft_config: dict, name: str) -> None:
@@ -38,7 +44,7 @@ class LoraModel(nn.Module):
         peft_config: LoraConfig | dict[str, LoraConfig],
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,  # accepted for PEFT's signature: adapters are small, built directly
+        low_cpu_mem_usage: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -46,9 +52,12 @@ class LoraModel(nn.Module):
         self.targeted_module_names: list[str] = []
         self._state = AdapterState(active=[adapter_name])
         self._autocast = autocast_adapter_dtype
+        # As PEFT: the injected model carries the registry too, so a bare model from inject_adapter_in_model works with
+        # get/set_peft_model_state_dict; unload() takes it away again.
+        model.peft_config = self.peft_config
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
-            self.add_adapter(name, config)
+            self.add_adapter(name, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -63,29 +72,45 @@ class LoraModel(nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, autocast_adapter_dtype: bool | None = None) -> None:
-        """Inject adapter `adapter_name`; a failure leaves the model as it was."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig,
+        autocast_adapter_dtype: bool | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Inject adapter `adapter_name`; a failure leaves the model as it was. low_cpu_mem_usage: its LoRA tensors
+        stay on the meta device until loaded (checkpoint.copy_into puts real tensors in their place)."""
         if autocast_adapter_dtype is not None:
             self._autocast = autocast_adapter_dtype
         if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+            raise ValueError(
+                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
+            )
         if adapter_name == lora.BASE:
             raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
         msg = lora.base_rewrite_warning(config, list(self.peft_config.values()))
         if msg:
             warnings.warn(msg, stacklevel=3)
+        if adapter_name in self.prefix:  # "lora", "ora_": keys of such an adapter are ambiguous in PEFT's loader
+            warnings.warn(
+                f"Adapter name '{adapter_name}' should not be contained in the prefix '{self.prefix}'. "
+                "This may lead to reinitialization of the adapter weights during loading.",
+                stacklevel=3,
+            )
         self.peft_config[adapter_name] = config
         try:
             lora.check_target_parameters(self.model, config)
             lora.plan_weight_tying(self.model, config)  # may move tied modules to the input embedding in config
             heads = list(config.modules_to_save or [])
-            if config.task_type == TaskType.SEQ_CLS.value:
-                heads += [h for h in CLS_HEADS if h not in heads]
+            heads += [h for h in TASK_HEADS.get(config.task_type, []) if h not in heads]
             if heads:
                 lora.add_modules_to_save(self.model, heads, adapter_name, self._state)
             if getattr(config, "modules_to_tie", None):
                 lora.tie_modules_to_save(self.model, config.modules_to_tie, adapter_name, self._state)
-            targets = lora.inject(self.model, config, adapter_name, self._state, fp32=self._autocast)
+            targets = lora.inject(
+                self.model, config, adapter_name, self._state, fp32=self._autocast, meta=low_cpu_mem_usage
+            )
         except BaseException:
             self._drop(adapter_name)
             raise
@@ -110,13 +135,24 @@ class LoraModel(nn.Module):
         self._state.active = active or list(self.peft_config)[:1]
         self._mark_trainable()
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make these adapters active (several: their deltas add up); only active adapters train."""
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make these adapters active (several: their deltas add up); only active adapters train, and none with
+        inference_mode=True (PEFT's keyword)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_known(n)
+        for _, m in self.model.named_modules():  # a trained copy of a module is one adapter's, never a sum
+            both = [n for n in names if isinstance(m, ModulesToSave) and n in m.modules_to_save]
+            if len(both) > 1:
+                raise ValueError(
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {len(both)} {both}"
+                )
         self._state.active = names
         self._mark_trainable()
+        if inference_mode:
+            for n in names:
+                for p in self.adapter_parameters(n):
+                    p.requires_grad_(False)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -128,13 +164,39 @@ class LoraModel(nn.Module):
         return a[0] if len(a) == 1 else list(a)
 
     def disable_adapter_layers(self) -> None:
+        """Every layer computes the base again and no adapter tensor trains (PEFT's rules), until enabled."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":  # the trained base biases stay: the output is not the base model's
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the same "
+                    "output as the base model would without adaption.",
+                    stacklevel=2,
+                )
         self._state.disabled = True
+        for _, m in lora.lora_layers(self.model):
+            m._enabled = None  # the model-level switch overrides a layer's own
+        for name in self.peft_config:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(False)
 
     def enable_adapter_layers(self) -> None:
         self._state.disabled = False
+        for _, m in lora.lora_layers(self.model):
+            m._enabled = None
+        self._mark_trainable()
 
     def _check_known(self, name: str) -> None:
         check_known(self.peft_config, name)
+
+    def _move_adapter_to_base_device(self, name: str) -> None:
+        """Put adapter `name`'s LoRA tensors on their base layer's device (tensors loaded elsewhere, as PEFT does)."""
+        for _, m in lora.lora_layers(self.model):
+            if name in m.r:
+                device = m.base_layer.weight.device
+                for p in m.adapter_params(name):
+                    if p.device != device and not p.is_meta:
+                        p.data = p.data.to(device)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter `name` (LoRA factors and its trained copies of whole modules)."""
@@ -171,12 +233,23 @@ class LoraModel(nn.Module):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights: W += s·B A. Forward then costs exactly the base model."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         layers = lora.lora_layers(self.model)
-        for name in adapter_names or self.active_adapters:
+        names = list(adapter_names or self.active_adapters)
+        for name in names:
             self._check_known(name)
-            if any(name in m.merged_adapters for _, m in layers):
-                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=2)
-                continue
+        merged = list(dict.fromkeys(n for _, m in layers for n in m.merged_adapters))
+        todo = [n for n in names if n not in merged]
+        if merged and todo:  # PEFT's words (it says them once per layer; once is enough)
+            warnings.warn(
+                f"Already following adapters were merged {','.join(merged)}. "
+                f"You are now additionally merging {','.join(todo)}.",
+                stacklevel=3,
+            )
+        elif merged:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)
+        for name in todo:
             for _, m in layers:
                 m.merge(name, safe=safe_merge)
 
@@ -191,11 +264,13 @@ class LoraModel(nn.Module):
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         lora.remove_wrappers(self.model, merged=True)
         untie_config_if_diverged(self.model)
+        self.model.__dict__.pop("peft_config", None)
         return self.model
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the original transformers model."""
         lora.remove_wrappers(self.model, merged=False)
+        self.model.__dict__.pop("peft_config", None)
         return self.model
 
     # --- combining --------------------------------------------------------------------------------------------
@@ -239,8 +314,8 @@ class LoraModel(nn.Module):
         ]
         if shared:
             raise ValueError(
-                f"Cannot add weighted adapters if they target the same module with modules_to_save: {shared} "
-                "(trained copies of a whole module cannot be combined)"
+                "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s). (trained copies of a whole module cannot be combined: {shared})"
             )
         ranks = [c.r for c in configs]
         if any(c.rank_pattern or c.alpha_pattern for c in configs) and combination_type == "linear":

@@ -7,6 +7,7 @@ import peft
 import pytest
 import tiny
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -141,12 +142,17 @@ def test_keywords_are_supported_or_refused(tmp_path):
     ours.save_pretrained(tmp_path / "noemb", save_embedding_layers=False)
     assert not any("base_layer" in k for k in load_file(tmp_path / "noemb/adapter_model.safetensors"))
     assert set(load_file(tmp_path / "a/adapter_model.safetensors")) == set(peft.get_peft_model_state_dict(theirs))
-    # a model card like PEFT's, never overwriting one that is there
+    # a model card like PEFT's: Hub metadata over the template; a card already there keeps its text, as in peft
     card = (tmp_path / "a/README.md").read_text()
-    assert card.startswith("---\n") and "library_name: peft" in card
-    (tmp_path / "a/README.md").write_text("mine")
+    assert card.startswith("---\n") and "library_name: peft" in card and len(card) > 1000
+    (tmp_path / "a/README.md").write_text("---\nmeta: hello\n---\nmine\n")
     ours.save_pretrained(tmp_path / "a")
-    assert (tmp_path / "a/README.md").read_text() == "mine"
+    theirs.save_pretrained(tmp_path / "p")
+    (tmp_path / "p/README.md").write_text("---\nmeta: hello\n---\nmine\n")
+    theirs.save_pretrained(tmp_path / "p")
+    mine, ref = (yaml.safe_load((tmp_path / d / "README.md").read_text().split("---")[1]) for d in ("a", "p"))
+    assert "mine" in (tmp_path / "a/README.md").read_text() and mine["meta"] == "hello"
+    assert {k: mine[k] for k in ref} == ref | {"tags": sorted(set(ref["tags"]) | {"smolpeft"})}
     # autocast_adapter_dtype=False keeps a bf16 base's dtype for the adapter, as in peft
     half = smolpeft.get_peft_model(
         tiny.llama().to(torch.bfloat16), smolpeft.LoraConfig(r=2), autocast_adapter_dtype=False
