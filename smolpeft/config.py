@@ -322,8 +322,6 @@ class LoraConfig(PeftConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (list, set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        if isinstance(self.layers_to_transform, int):  # PEFT keeps the int; lora.py matches against a list
-            self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.layer_replication is not None and not self.layer_replication:

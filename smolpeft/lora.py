@@ -768,7 +768,8 @@ def _layer_index_ok(name: str, config: LoraConfig) -> bool:
     for p in patterns:
         m = re.match(rf".*\.{p}\.(\d+)\.", name)
         if m:
-            return int(m.group(1)) in config.layers_to_transform
+            layers = config.layers_to_transform  # an int (one layer, kept as given, as PEFT keeps it) or a list
+            return int(m.group(1)) in ([layers] if isinstance(layers, int) else layers)
     return False
 
 
