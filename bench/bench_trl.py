@@ -53,11 +53,14 @@ def step(args) -> None:
     if args.mem:  # a fresh process: the allocator holds no memory from the other contender's steps
         import resource
 
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with PeakRSS() as rss:
             steps[args.mem]()
-        # also the kernel's high-water mark, which a sampler starved on a loaded machine cannot miss
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss.base
-        print(json.dumps({"peak_step_mem_mb": rss.delta, "hwm_above_entry_mb": hwm}))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # The kernel's high-water mark cannot miss a short peak, as a sampler starved on a loaded machine can, but it
+        # also holds the peak of building the model: it speaks for the step only if the step raised it.
+        peak = max(rss.delta, after - rss.base) if after > before else rss.delta
+        print(json.dumps({"peak_step_mem_mb": peak, "sampled_mb": rss.delta, "hwm_raised": after > before}))
         return
     t = alternate(steps, args.rounds)
     # A step's peak RSS varies by ±100 MB between identical fresh processes (glibc's heap reuse depends on the
@@ -67,7 +70,7 @@ def step(args) -> None:
         for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--mem", name]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
-            mem[name].append(json.loads(out)["hwm_above_entry_mb"])
+            mem[name].append(json.loads(out)["peak_step_mem_mb"])
     med = {k: median(v) for k, v in t.items()}
     peak = {k: median(v) for k, v in mem.items()}
     rows = [{"contender": k, "step_s": med[k], "peak_step_mem_mb": peak[k]} for k in steps]
