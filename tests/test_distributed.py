@@ -76,17 +76,23 @@ def test_resume_under_torchrun_and_a_failing_rank_ends_the_job(lm, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+def _assert_same_run(a_dir, b_dir, atol: float) -> None:
+    """Two runs logged the same losses and saved the same adapter, to atol."""
+    assert _losses(a_dir) == pytest.approx(_losses(b_dir), abs=atol)
+    a, b = read_weights(a_dir), read_weights(b_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0)
+
+
 def test_fsdp_shards_the_frozen_base_and_matches_one_process(lm, tmp_path):
     one = _run(_cfg(lm, tmp_path / "one", 4), nproc=1)
     assert one.returncode == 0, one.stderr[-2000:]
     cfg = _cfg(lm, tmp_path / "fsdp", 2, save_every=3, fsdp=True, gradient_checkpointing=True)
     two = _run(cfg, nproc=2)
     assert two.returncode == 0, two.stderr[-2000:]
-    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "fsdp"), abs=1e-5)
-    a, b = read_weights(tmp_path / "one"), read_weights(tmp_path / "fsdp")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    _assert_same_run(tmp_path / "one", tmp_path / "fsdp", atol=1e-5)
+    b = read_weights(tmp_path / "fsdp")
     # each rank held half of the base (FSDP pads a shard by at most a row per tensor)
     summary = json.loads((tmp_path / "fsdp/summary.json").read_text())
     base = transformers.AutoModelForCausalLM.from_pretrained(lm / "base")
@@ -100,7 +106,8 @@ def test_fsdp_shards_the_frozen_base_and_matches_one_process(lm, tmp_path):
     resumed = _run(cfg | {"output_dir": str(tmp_path / "fsdp"), "resume": str(tmp_path / "fsdp/checkpoint-3")}, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     c = read_weights(tmp_path / "fsdp")
-    for k in a:
+    assert b.keys() == c.keys()
+    for k in b:
         torch.testing.assert_close(b[k], c[k], atol=1e-6, rtol=0)
     assert peft.PeftModel.from_pretrained(base, tmp_path / "fsdp") is not None
 
@@ -126,11 +133,7 @@ def test_fsdp_qlora_matches_one_process_qlora(lm, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     # the same NF4 bytes on both sides (each rank quantizes each weight whole, then keeps its rows), so only the
     # order of sums differs: far inside the quantization error (~1e-1 of a weight)
-    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-4)
-    a, b = read_weights(tmp_path / "one"), read_weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+    _assert_same_run(tmp_path / "one", tmp_path / "two", atol=1e-4)
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     n_bytes = _quantized_bytes(transformers.AutoModelForCausalLM.from_pretrained(lm / "base"))
     assert n_bytes / 2 - 8000 <= summary["fsdp_local_base_bytes"] <= n_bytes / 2 + 8000  # half the 4-bit base

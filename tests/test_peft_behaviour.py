@@ -17,15 +17,6 @@ from torch import nn
 import smolpeft
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 2)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
 def _warnings(fn) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -37,10 +28,10 @@ def _card(path) -> dict:
     return yaml.safe_load(path.read_text().split("---")[1])
 
 
-@pytest.mark.parametrize("make", [MLP, tiny.llama], ids=["custom", "transformers"])
+@pytest.mark.parametrize("make", [tiny.MLP, tiny.llama], ids=["custom", "transformers"])
 def test_model_card_and_base_name_are_peft_s(tmp_path, make):
     for lib in (peft, smolpeft):
-        cfg = lib.LoraConfig(target_modules=["lin0"] if make is MLP else None, base_model_name_or_path="custom")
+        cfg = lib.LoraConfig(target_modules=["lin0"] if make is tiny.MLP else None, base_model_name_or_path="custom")
         msgs = _warnings(lambda g=lib.get_peft_model, c=cfg, d=tmp_path / lib.__name__: g(make(), c).save_pretrained(d))
         assert any("was renamed from 'custom' to 'None'" in m for m in msgs), msgs
     ours, theirs = (_card(tmp_path / d / "README.md") for d in ("smolpeft", "peft"))
@@ -88,14 +79,14 @@ def test_trained_biases_load_into_a_model_whose_config_trains_none(bias):
     for lib in (peft, smolpeft):
         torch.manual_seed(0)
         m = lib.get_peft_model(
-            MLP(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False, bias=bias)
+            tiny.MLP(), lib.LoraConfig(target_modules=["lin0"], init_lora_weights=False, bias=bias)
         ).eval()
         with torch.no_grad():
             m.base_model.model.lin0.base_layer.bias.fill_(1.23)
             m.base_model.model.lin1.bias.fill_(-0.5 if bias == "all" else 0.0)  # saved with "all" only
         sd = lib.get_peft_model_state_dict(m)
         torch.manual_seed(0)
-        fresh = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
+        fresh = lib.get_peft_model(tiny.MLP(), lib.LoraConfig(target_modules=["lin0"]))
         with torch.no_grad():
             fresh.base_model.model.lin1.bias.zero_()
         result = lib.set_peft_model_state_dict(fresh, sd)
@@ -111,7 +102,7 @@ def _grads(model) -> list[str]:
 
 def test_enabling_disabling_and_inference_mode_set_requires_grad_as_peft():
     def script(lib):
-        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+        model = lib.get_peft_model(tiny.MLP(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
         model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
         seen = [_grads(model)]
         model.disable_adapter_layers()
@@ -142,7 +133,7 @@ def test_irregular_enabled_state_warns_and_ends_enabled():
     for lib in (peft, smolpeft):
         torch.manual_seed(0)
         cfg = lib.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False)
-        model = lib.get_peft_model(MLP(), cfg).eval()
+        model = lib.get_peft_model(tiny.MLP(), cfg).eval()
         layers = [m for m in model.modules() if hasattr(m, "lora_A")]
         layers[0].enable_adapters(False)  # lin0 runs its base only, lin1 its adapter
         with torch.no_grad():
@@ -156,7 +147,7 @@ def test_irregular_enabled_state_warns_and_ends_enabled():
 
 def test_merging_again_warns_peft_s_words():
     for lib in (peft, smolpeft):
-        model = lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]))
+        model = lib.get_peft_model(tiny.MLP(), lib.LoraConfig(target_modules=["lin0"]))
         model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"]))
         model.merge_adapter()
         with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
@@ -173,7 +164,7 @@ def test_refusals_use_peft_s_messages():
     x = torch.randn(4, 10)
     for lib in (peft, smolpeft):
         cfg = dict(target_modules=["lin0"], modules_to_save=["lin1"])
-        model = lib.get_peft_model(MLP(), lib.LoraConfig(**cfg))
+        model = lib.get_peft_model(tiny.MLP(), lib.LoraConfig(**cfg))
         model.add_adapter("other", lib.LoraConfig(**cfg))
         with pytest.raises(ValueError, match="Adapter with name 'other' already exists"):
             model.add_adapter("other", lib.LoraConfig(**cfg))
@@ -192,7 +183,7 @@ def test_refusals_use_peft_s_messages():
         with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
             model(x, adapter_names=["default"] * 4)
         with pytest.raises(ValueError, match="Please specify `target_modules`"):
-            lib.get_peft_model(MLP(), lib.LoraConfig())
+            lib.get_peft_model(tiny.MLP(), lib.LoraConfig())
 
 
 def test_layer_repr_names_peft_s_classes():
@@ -211,7 +202,9 @@ def test_layer_repr_names_peft_s_classes():
 @pytest.mark.parametrize("name", ["lora", "ora_", "adapter"])
 def test_adapter_names_inside_the_prefix_warn_as_peft(name):
     def msgs(lib):
-        return [m for m in _warnings(lambda: lib.get_peft_model(MLP(), lib.LoraConfig(target_modules=["lin0"]), name))]
+        return [
+            m for m in _warnings(lambda: lib.get_peft_model(tiny.MLP(), lib.LoraConfig(target_modules=["lin0"]), name))
+        ]
 
     ours, theirs = ([m for m in msgs(lib) if "should not be contained in the prefix" in m] for lib in (smolpeft, peft))
     assert ours == theirs and bool(ours) == (name != "adapter")

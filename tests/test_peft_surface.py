@@ -64,22 +64,13 @@ def test_deep_imports_resolve():
         smolpeft.get_peft_model(tiny.llama(), config)
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 2)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
 def test_custom_module_called_positionally_and_several_active_adapters():
     cfg = dict(r=2, target_modules=["lin0", "lin1"])
     torch.manual_seed(0)
-    ours = smolpeft.get_peft_model(MLP(), smolpeft.LoraConfig(**cfg))
+    ours = smolpeft.get_peft_model(tiny.MLP(), smolpeft.LoraConfig(**cfg))
     ours.add_adapter("other", smolpeft.LoraConfig(**cfg))
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(MLP(), peft.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny.MLP(), peft.LoraConfig(**cfg))
     theirs.add_adapter("other", peft.LoraConfig(**cfg))
     _randomize(ours, theirs)
     x = torch.randn(4, 10)
@@ -105,9 +96,9 @@ def test_state_dict_functions_and_inject_match_peft(tmp_path):
     x = tiny.ids()
     torch.testing.assert_close(fresh(input_ids=x).logits, theirs(input_ids=x).logits)
     torch.manual_seed(0)
-    injected = smolpeft.inject_adapter_in_model(smolpeft.LoraConfig(r=2, target_modules=["lin0"]), MLP())
+    injected = smolpeft.inject_adapter_in_model(smolpeft.LoraConfig(r=2, target_modules=["lin0"]), tiny.MLP())
     torch.manual_seed(0)
-    reference = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["lin0"]), MLP())
+    reference = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["lin0"]), tiny.MLP())
     assert injected.state_dict().keys() == reference.state_dict().keys()
 
 
@@ -178,7 +169,7 @@ def test_8bit_base_merges_like_peft():
 
     def make():
         torch.manual_seed(0)
-        m = MLP()
+        m = tiny.MLP()
         q = bnb.nn.Linear8bitLt(10, 20, bias=True, has_fp16_weights=False)
         q.load_state_dict(m.lin0.state_dict())
         m.lin0 = q.to("cpu")

@@ -111,3 +111,14 @@ def train_steps(
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+class MLP(torch.nn.Module):
+    """PEFT's tests' small custom model: two Linear layers, lin0 and lin1 (no transformers config)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
