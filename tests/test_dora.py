@@ -94,17 +94,11 @@ def test_dora_matches_peft(case, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
     torch.testing.assert_close(_logits(back, x), ref, atol=1e-5, rtol=0)
-    back.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
-        tmp_path / "ours/adapter_model.safetensors"
-    ).read_bytes()
+    tiny.assert_resaves_identically(back, tmp_path / "ours", tmp_path / "resaved")
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs")
     torch.testing.assert_close(_logits(loaded, x), ref, atol=1e-5, rtol=0)
-    loaded.save_pretrained(tmp_path / "ours-resaved")
-    assert (tmp_path / "ours-resaved/adapter_model.safetensors").read_bytes() == (
-        tmp_path / "theirs/adapter_model.safetensors"
-    ).read_bytes()
+    tiny.assert_resaves_identically(loaded, tmp_path / "theirs", tmp_path / "ours-resaved")
 
     # merge / unmerge / merge_and_unload
     base = _logits(make(), x)
@@ -204,18 +198,7 @@ def test_dora_refusals():
 def base_dir(tmp_path_factory):
     """A Llama-shaped model wide enough for bitsandbytes' CPU blocks (64)."""
     d = tmp_path_factory.mktemp("q")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny.llama(vocab=300, width=128, layers=1).save_pretrained(d)
     return d
 
 

@@ -18,14 +18,6 @@ def _nodrop(model):
     return model
 
 
-def _perturb(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def _logits(model, x):
     with torch.no_grad():
         return model(input_ids=x).logits
@@ -48,7 +40,7 @@ def test_lora_bias_matches_peft(init, tmp_path):
     for k in a:  # the same seeded draws, lora_B's bias included (zero unless init=False)
         assert torch.equal(a[k], b[k]), k
     assert _trainable(ours) == _trainable(theirs)
-    _perturb(ours), _perturb(theirs)
+    tiny.perturb(ours), tiny.perturb(theirs)
     x = tiny.ids()
     ref = _logits(theirs, x)
     torch.testing.assert_close(_logits(ours, x), ref, atol=1e-5, rtol=0)
@@ -61,10 +53,7 @@ def test_lora_bias_matches_peft(init, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(_nodrop(tiny.gpt2()), tmp_path / "ours")
     torch.testing.assert_close(_logits(back, x), ref, atol=1e-5, rtol=0)
-    back.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
-        tmp_path / "ours/adapter_model.safetensors"
-    ).read_bytes()
+    tiny.assert_resaves_identically(back, tmp_path / "ours", tmp_path / "resaved")
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = smolpeft.PeftModel.from_pretrained(_nodrop(tiny.gpt2()), tmp_path / "theirs")
     torch.testing.assert_close(_logits(loaded, x), ref, atol=1e-5, rtol=0)
@@ -107,15 +96,12 @@ def test_trained_base_biases_match_peft(case, tmp_path):
     theirs = peft.get_peft_model(make(), peft.LoraConfig(**kw))
     assert _trainable(ours) == _trainable(theirs)
     assert any("bias" in n and "lora_" not in n for n in _trainable(ours))
-    _perturb(ours)
+    tiny.perturb(ours)
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
     x = tiny.ids()
     ref = _logits(ours, x)
     torch.testing.assert_close(_logits(theirs, x), ref, atol=1e-5, rtol=0)  # the biases came along
-    theirs.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
-        tmp_path / "ours/adapter_model.safetensors"
-    ).read_bytes()
+    tiny.assert_resaves_identically(theirs, tmp_path / "ours", tmp_path / "resaved")
     loaded = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "resaved")
     torch.testing.assert_close(_logits(loaded, x), ref, atol=1e-5, rtol=0)

@@ -45,15 +45,6 @@ def _inputs(make):
     return dict(input_ids=x, attention_mask=mask)
 
 
-def _perturb(model, seed=5):
-    """Make every trainable tensor non-trivial (B = 0 would hide mistakes), reproducibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def _out(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
@@ -65,25 +56,19 @@ def test_ours_loads_in_peft_and_theirs_in_ours(case, tmp_path):
     inputs = _inputs(make)
 
     ours = smolpeft.get_peft_model(make(), smolpeft.LoraConfig(**kw))
-    _perturb(ours)
+    tiny.perturb(ours)
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours")
     torch.testing.assert_close(_out(ours, inputs), _out(theirs, inputs), atol=1e-5, rtol=0)
-    theirs.save_pretrained(tmp_path / "resaved")
     # byte-compatible: what peft writes back from our file is our file
-    assert (tmp_path / "resaved/adapter_model.safetensors").read_bytes() == (
-        tmp_path / "ours/adapter_model.safetensors"
-    ).read_bytes()
+    tiny.assert_resaves_identically(theirs, tmp_path / "ours", tmp_path / "resaved")
 
     theirs = peft.get_peft_model(make(), peft.LoraConfig(**kw))
-    _perturb(theirs, seed=6)
+    tiny.perturb(theirs, seed=6)
     theirs.save_pretrained(tmp_path / "theirs")
     ours = smolpeft.PeftModel.from_pretrained(make(), tmp_path / "theirs")
     torch.testing.assert_close(_out(ours, inputs), _out(theirs, inputs), atol=1e-5, rtol=0)
-    ours.save_pretrained(tmp_path / "ours-resaved")
-    assert (tmp_path / "ours-resaved/adapter_model.safetensors").read_bytes() == (
-        tmp_path / "theirs/adapter_model.safetensors"
-    ).read_bytes()
+    tiny.assert_resaves_identically(ours, tmp_path / "theirs", tmp_path / "ours-resaved")
 
 
 @pytest.mark.parametrize("init", [True, "gaussian", False])
@@ -113,7 +98,7 @@ def _weighted_pair(tmp_path):
                 task_type="CAUSAL_LM",
             ),
         )
-        _perturb(m, seed=10 + i)
+        tiny.perturb(m, seed=10 + i)
         m.save_pretrained(tmp_path / f"a{i}")
     models = []
     for lib in (smolpeft, peft):

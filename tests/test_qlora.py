@@ -19,18 +19,7 @@ pytest.importorskip("bitsandbytes")
 def base_dir(tmp_path_factory):
     """A Llama-shaped model wide enough for bitsandbytes' CPU blocks (64), with a local tokenizer."""
     d = tmp_path_factory.mktemp("q")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        eos_token_id=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tiny.llama(vocab=300, width=128).save_pretrained(d)
     tiny.tokenizer(d)
     with open(d / "chat.jsonl", "w") as f:
         for a in range(6):

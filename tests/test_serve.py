@@ -466,23 +466,9 @@ def test_plain_base_engine_hot_loads_its_first_adapter(srv):
 
 def test_nf4_base_equals_offline_generate_on_the_same_4bit_model(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from smolpeft.qlora import bnb_config
 
-    torch.manual_seed(0)  # wide enough for bitsandbytes' CPU blocks of 64
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tiny.llama(vocab=300, width=128).save_pretrained(tmp_path / "base")
     tok = tiny.tokenizer(tmp_path / "base")
     _adapter(str(tmp_path / "base"), tmp_path / "a", 1, **ADAPTERS["b"])
     engine = Engine.load(str(tmp_path / "base"), {"a": str(tmp_path / "a")}, quantize="nf4", max_batch=4, device="cpu")

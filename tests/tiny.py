@@ -43,12 +43,13 @@ def tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> PreTrainedToken
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def llama(vocab: int = 128, seed: int = 0, tie: bool = False, layers: int = 2) -> LlamaForCausalLM:
+def llama(vocab: int = 128, seed: int = 0, tie: bool = False, layers: int = 2, width: int = 32) -> LlamaForCausalLM:
+    """width=128 is wide enough for bitsandbytes' 4-bit CPU blocks (64)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -122,3 +123,19 @@ class MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.lin1(torch.relu(self.lin0(x)))
+
+
+def perturb(model: torch.nn.Module, seed: int = 5) -> None:
+    """Make every trainable tensor non-trivial (B = 0 would hide mistakes), reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def assert_resaves_identically(model, original, resaved) -> None:
+    """`model` (loaded from `original`) saved to `resaved` writes the same adapter file, byte for byte."""
+    model.save_pretrained(resaved)
+    name = "adapter_model.safetensors"
+    assert (resaved / name).read_bytes() == (original / name).read_bytes()
