@@ -77,33 +77,20 @@ def build(layers: int, root: str) -> tuple[str, str]:
     return model_dir, data
 
 
-def main():
-    p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=2)
-    args = p.parse_args()
-    root = tempfile.mkdtemp()
-    model_dir, data = build(args.layers, root)
+def run_jobs(children: dict[str, str], model_dir: str, data: str, root: str, args) -> dict[str, list[dict]]:
+    """Each child script as a fresh process per round, the order alternating; the JSON line each prints, plus
+    tokens/s, per job name."""
     env = os.environ | {
         "TRANSFORMERS_VERBOSITY": "error",
         "TQDM_DISABLE": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     }
-    runs: dict[str, list[dict]] = {"smolpeft": [], "trl+peft": []}
-    children = {"smolpeft": OURS_CHILD, "trl+peft": TRL_CHILD}
+    runs: dict[str, list[dict]] = {k: [] for k in children}
     for r in range(args.rounds):
-        for name in ("smolpeft", "trl+peft") if r % 2 == 0 else ("trl+peft", "smolpeft"):
-            cmd = [
-                sys.executable,
-                "-c",
-                children[name],
-                model_dir,
-                data,
-                os.path.join(root, f"{name}-{r}"),
-                str(args.steps),
-                str(args.batch),
-                str(args.threads),
-            ]
+        for name in list(children) if r % 2 == 0 else list(children)[::-1]:
+            out_dir = os.path.join(root, f"{name}-{r}")
+            cmd = [sys.executable, "-c", children[name], model_dir, data, out_dir, str(args.steps)]
+            cmd += [str(args.batch), str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -113,6 +100,17 @@ def main():
                 f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB",
                 file=sys.stderr,
             )
+    return runs
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args()
+    root = tempfile.mkdtemp()
+    model_dir, data = build(args.layers, root)
+    runs = run_jobs({"smolpeft": OURS_CHILD, "trl+peft": TRL_CHILD}, model_dir, data, root, args)
     results = {name: {k: median([x[k] for x in rs]) for k in rs[0]} for name, rs in runs.items()}
     rows = [{"job": k, **v} for k, v in results.items()]
     ours, trl = results["smolpeft"], results["trl+peft"]

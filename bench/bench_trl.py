@@ -10,7 +10,6 @@ sft:  the same SFT job (bench_sft's data and settings: packing, gradient checkpo
 """
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import PeakRSS, alternate, median, parser, report, smollm2  # noqa: E402
-from bench_sft import TRL_CHILD, build  # noqa: E402
+from bench_sft import TRL_CHILD, build, run_jobs  # noqa: E402
 
 # The same script with only the imports changed, as a course user would change them.
 OURS_CHILD = TRL_CHILD.replace("from peft import LoraConfig", "from smolpeft import LoraConfig").replace(
@@ -85,35 +84,7 @@ def step(args) -> None:
 def sft(args) -> None:
     root = tempfile.mkdtemp()
     model_dir, data = build(args.layers, root)
-    env = os.environ | {
-        "TRANSFORMERS_VERBOSITY": "error",
-        "TQDM_DISABLE": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    }
-    children = {"smolpeft.trl": OURS_CHILD, "trl+peft": TRL_CHILD}
-    runs: dict[str, list[dict]] = {k: [] for k in children}
-    for r in range(args.rounds):
-        for name in list(children) if r % 2 == 0 else list(children)[::-1]:
-            cmd = [
-                sys.executable,
-                "-c",
-                children[name],
-                model_dir,
-                data,
-                os.path.join(root, f"{r}-{name}"),
-                str(args.steps),
-                str(args.batch),
-                str(args.threads),
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            runs[name].append(res | {"tokens_per_s": res["tokens"] / res["train_s"]})
-            print(
-                f"round {r} {name}: {runs[name][-1]['tokens_per_s']:.1f} tokens/s, {res['peak_rss_mb']:.0f} MB",
-                file=sys.stderr,
-            )
+    runs = run_jobs({"smolpeft.trl": OURS_CHILD, "trl+peft": TRL_CHILD}, model_dir, data, root, args)
     results = {name: {k: median([x[k] for x in rs]) for k in rs[0]} for name, rs in runs.items()}
     ours, trl = results["smolpeft.trl"], results["trl+peft"]
     key = (
