@@ -512,5 +512,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `smolpeft` executable and `python -m smolpeft`: main() in a process of its own."""
+    import gc
+
+    # What is alive now (torch, transformers and what they import: ~3,000 modules) lives until exit. Out of the
+    # collector's reach, each full collection during the run and the ones at interpreter exit skip it: an 8-layer SFT
+    # job measured 2.5 s -> 0.6 s from its last output to exit. Only here, in a process smolpeft owns: main() called
+    # from a user's program must not freeze the caller's objects.
+    gc.freeze()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

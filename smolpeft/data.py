@@ -108,9 +108,8 @@ def check_utf8(path: str) -> None:
 
 
 def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    """A local JSONL/JSON/CSV/Parquet file (a directory of them) or a Hub dataset name, read with `datasets`."""
-    import datasets
-
+    """A local JSONL/JSON/CSV/Parquet file (a directory of them) or a Hub dataset name, read with `datasets`
+    (JSONL is read here, without importing `datasets` and its pandas/pyarrow stack: a second of start-up)."""
     ext = os.path.splitext(spec)[1].lower().lstrip(".")
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
     if os.path.exists(spec) and builder is None and not os.path.isdir(spec):
@@ -121,6 +120,8 @@ def load_user_data(spec: str, eval_fraction: float = 0.1, seed: int = 0) -> Data
     if local and ext == "jsonl":  # read here: errors then name the line, and rows may differ in their fields
         ds = {"train": read_jsonl(spec)}
     else:
+        import datasets
+
         if local and ext in ("json", "csv"):
             check_utf8(spec)
         try:

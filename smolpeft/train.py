@@ -387,10 +387,12 @@ def save_figure(fig: Figure, path: str) -> None:
 
 def quiet_libraries() -> None:
     """Our own progress bar is the one that matters; loading bars from transformers/datasets only add noise."""
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when `datasets` is first imported (only for non-JSONL data): not imported here just to silence it
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
@@ -620,7 +622,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
             with open(metrics_path) as f:
                 metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
         log(f"resumed from {cfg.resume} at step {state['step']}")
-    else:
+    t_setup = time.time()  # loading, tokenizing, building the optimizer: what a run costs before its first step
+    if not cfg.resume:
         state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
         metrics.append({"step": 0, **state["before"]})
         log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
@@ -713,7 +716,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     train_time = time.time() - t_train
 
     # --- cleanup: final eval and outputs -----------------------------------------------------------------------
+    t_after = time.time()
     after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
+    eval_time = time.time() - t_after + t_train - t_setup
     metrics.append({"step": state["step"], **after})
     tokens = state["tokens"] - tokens_at_start
     summary = {
@@ -723,7 +728,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "steps": state["step"],
         "world_size": world,
         "global_batch": cfg.batch_size * world * cfg.grad_accum,
+        "started_at": t_start,  # Unix time: with the process's start, what imports cost
         "wall_time_s": time.time() - t_start,
+        "setup_time_s": t_setup - t_start,
+        "eval_time_s": eval_time,  # the evaluations before and after training
         "train_time_s": train_time,
         "tokens": tokens,
         "tokens_per_s": tokens / max(train_time, 1e-9),

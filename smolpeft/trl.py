@@ -6,15 +6,23 @@
 
     trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, peft_config=LoraConfig(...))
 
-Everything else is TRL's: data preparation, packing, assistant-only loss, the fused LM head that computes the loss
-lean, logging. What changes is where the adapter comes from (smolpeft's get_peft_model, created where TRL would
-create peft's, right after `set_seed(args.seed)`), where TRL's fused head goes (on the transformers model, under
-the adapters, as TRL does for peft), and what is saved (adapters, see `smolpeft.hf_trainer.AdapterCheckpoints`).
+Everything else is TRL's: data preparation, packing, assistant-only loss, logging. What changes is where the adapter
+comes from (smolpeft's get_peft_model, created where TRL would create peft's, right after `set_seed(args.seed)`),
+what serves TRL's fused LM head (`model(..., fused_lm_head=True)`: per-token log-probs, entropy and top-1 without
+full logits), and what is saved (adapters, see `smolpeft.hf_trainer.AdapterCheckpoints`).
+
+The fused head is smolpeft's `token_log_probs` on the transformers model, under the adapters, where TRL puts its own
+for peft. TRL's kernel scores tiles of 4,096 positions x 32,768 vocabulary entries and recomputes them in backward;
+on a CPU without Triton, its peak held most of a 2 GB job's RSS (an 8-layer SmolLM2 shape). Ours holds 128 positions
+x vocabulary and forms the gradient in the forward pass: two head matmuls, not three. Models `lean_ok` does not cover
+(scaled or soft-capped logits, a head with a bias) keep TRL's head.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 
 try:
     import trl
@@ -26,6 +34,7 @@ from transformers import set_seed
 
 from .config import PeftConfig
 from .hf_trainer import AdapterCheckpoints, unwrap
+from .loss import fused_head_forward, lean_ok
 from .model import PeftModel, get_peft_model
 
 _TRL_INIT = inspect.signature(trl.SFTTrainer.__init__)
@@ -48,10 +57,28 @@ class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
             raise ValueError("an adapter on lm_head is not supported by SFTTrainer; remove it from target_modules")
         super().__init__(**a)
         if base is not None and "forward" in vars(self.model):
-            # TRL took our PeftModel for a plain model and fused its head onto the wrapper; move it under the
-            # adapters, onto the transformers model, where TRL puts it for peft models.
+            # TRL took our PeftModel for a plain model and fused its head onto the wrapper; the head goes under the
+            # adapters instead, onto the transformers model, where TRL puts it for peft models.
             del self.model.forward
-            trl_utils.add_fused_lm_head(base, outputs=_FUSED_OUTPUTS)
+            add_fused_lm_head(base)
+
+
+def add_fused_lm_head(base) -> None:
+    """TRL's fused-head protocol on a transformers causal LM: `base(..., labels, fused_lm_head=True)` returns TRL's
+    FusedCausalLMOutput (loss, per-token log_probs, entropy, is_top1, label_mask) from smolpeft's kernel, where
+    `lean_ok` holds; else TRL's own head. Calls without `fused_lm_head` run the model's own forward."""
+    if not lean_ok(base):
+        trl_utils.add_fused_lm_head(base, outputs=_FUSED_OUTPUTS)
+        return
+    original = base.forward
+
+    @functools.wraps(type(base).forward)  # the original signature: generate() validates its kwargs against it
+    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
+        if not fused_lm_head:
+            return original(*args, **kwargs)
+        return trl_utils.FusedCausalLMOutput(**fused_head_forward(self, *args, **kwargs))
+
+    base.forward = types.MethodType(forward, base)
 
 
 def _with_adapter(a: dict, config: PeftConfig) -> PeftModel:

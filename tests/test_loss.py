@@ -74,18 +74,57 @@ def test_prompt_tuning_and_classification_use_the_model_loss():
 
 def test_linear_cross_entropy_gradients_for_a_trainable_head():
     """Full fine-tuning trains the head too: dW from the fused loss equals autograd's."""
-    from smolpeft.loss import LinearCrossEntropy
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from smolpeft.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g, requires_grad=True)
     y = torch.randint(0, 50, (37,), generator=g)
-    (LinearCrossEntropy.apply(h, w, y, 8) * 0.5).backward()
+    (linear_cross_entropy(h, w, y, 8) * 0.5).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
     (torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum") * 0.5).backward()
     torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
+    # Only the head trains (hidden states frozen): dW alone, no dh.
+    w.grad = None
+    linear_cross_entropy(h.detach(), w, y, 8).backward()
+    torch.testing.assert_close(w.grad, gw * 2, atol=1e-5, rtol=1e-5)
+    # Under no_grad (evaluation) no gradient is formed (one head matmul, not three), and the loss is the same.
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        ev = linear_cross_entropy(h, w, y, 8)
+    assert flops.get_total_flops() == 2 * 37 * 50 * 16
+    torch.testing.assert_close(ev, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum"), rtol=1e-6, atol=1e-4)
+
+
+def test_token_log_probs_per_position_with_metrics_and_weighted_gradients():
+    """Per-token log-probs (TRL's fused-head protocol): values, entropy and argmax against full logits, and a
+    per-token weighted loss (as TRL's DFT loss weights them) backpropagates exactly; a trainable head refuses it."""
+    from smolpeft.loss import token_log_probs
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(45, 16, generator=g, requires_grad=True)
+    w = torch.randn(70, 16, generator=g)
+    y = torch.randint(0, 70, (45,), generator=g)
+    y[3] = int((h[3] @ w.T).argmax())  # at least one position where the label is the argmax
+    weights = torch.rand(45, generator=g)
+    logp, ent, top1 = token_log_probs(h, w, y, 16, metrics=True)
+    (logp * weights).sum().backward()
+    got = h.grad.clone()
+    h.grad = None
+    full = torch.log_softmax(h @ w.T, dim=-1)
+    want = full.gather(1, y[:, None]).squeeze(1)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(logp, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, -(full.exp() * full).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(top1, (h @ w.T).argmax(-1) == y) and top1.any() and not top1.all()
+    assert not ent.requires_grad and not top1.requires_grad
+    head = w.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="same gradient at every position"):
+        (token_log_probs(h, head, y, 16)[0] * weights).sum().backward()
 
 
 def test_evaluation_through_the_lean_loss_matches_transformers():

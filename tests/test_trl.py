@@ -48,7 +48,11 @@ def _args(out, **kw):
 
 
 def _losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return _logged(trainer, "loss")
+
+
+def _logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
 
 
 def _peft_logits(base_dir, adapter_dir, ids):
@@ -113,7 +117,9 @@ def test_course_notebook_runs_with_smolpeft_imports(lm, chat, tmp_path):
     ids=["packing+gc", "assistant_only"],
 )
 def test_losses_equal_trl_with_peft(lm, chat, tmp_path, options):
-    """Same seed, fp32: the logged losses equal TRL + peft's, and the checkpoint is an adapter peft loads."""
+    """Same seed, fp32: the logged losses equal TRL + peft's (smolpeft's fused head, not TRL's, computing them), so do
+    the entropy and token accuracy TRL logs from the head's per-token outputs, and the checkpoint is an adapter peft
+    loads."""
     tok, ds = chat
     ours = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(lm / "base"),
@@ -129,9 +135,14 @@ def test_losses_equal_trl_with_peft(lm, chat, tmp_path, options):
         processing_class=tok,
         peft_config=peft.LoraConfig(**LORA),
     )
+    fused = ours.model.get_base_model().forward.__func__.__code__  # functools.wraps leaves the code object alone
+    assert fused.co_filename.endswith(os.path.join("smolpeft", "trl.py"))
     ours.train()
     theirs.train()
     assert _losses(ours) == _losses(theirs) and len(_losses(ours)) == 3
+    for key in ("entropy", "mean_token_accuracy"):
+        got, want = _logged(ours, key), _logged(theirs, key)
+        assert len(got) == 3 and got == pytest.approx(want, rel=1e-4, abs=1e-6), key
 
     ckpt = tmp_path / "s" / "checkpoint-2"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(os.listdir(ckpt))
