@@ -50,20 +50,13 @@ def step(args) -> None:
 
         steps[name] = one
     if args.mem:  # a fresh process: the allocator holds no memory from the other contender's steps
-        import resource
-
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         with PeakRSS() as rss:
             steps[args.mem]()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        # The kernel's high-water mark cannot miss a short peak, as a sampler starved on a loaded machine can, but it
-        # also holds the peak of building the model: it speaks for the step only if the step raised it.
-        peak = max(rss.delta, after - rss.base) if after > before else rss.delta
-        print(json.dumps({"peak_step_mem_mb": peak, "sampled_mb": rss.delta, "hwm_raised": after > before}))
+        print(json.dumps({"peak_step_mem_mb": rss.delta, "exact": rss.exact}))
         return
     t = alternate(steps, args.rounds)
-    # A step's peak RSS varies by ±100 MB between identical fresh processes (glibc's heap reuse depends on the
-    # order frees happen in), so memory is the median over --mem-rounds fresh processes per contender, alternating.
+    # A step's peak RSS varies between identical fresh processes (glibc's heap reuse depends on the order frees happen
+    # in), so memory is the median over --mem-rounds fresh processes per contender, alternating.
     mem: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.mem_rounds):
         for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:

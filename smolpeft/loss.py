@@ -75,11 +75,16 @@ class LinearLogProbs(torch.autograd.Function):
                 grad_w += (probs @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(entropy, top1)
+        ctx.mark_non_differentiable(top1)  # entropy is not: a loss that uses it gets an error in backward, below
         return logp, entropy, top1
 
     @staticmethod
-    def backward(ctx: Any, grad_logp: torch.Tensor | None, *_) -> tuple:
+    def backward(ctx: Any, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_) -> tuple:
+        if grad_entropy is not None:
+            raise RuntimeError(
+                "LinearLogProbs: the entropy is computed for logging; a loss that differentiates it is not supported "
+                "(detach it, as TRL's SFTTrainer does)"
+            )
         grad_h, grad_w = ctx.saved_tensors
         if grad_logp is None:
             return None, None, None, None, None, None

@@ -121,7 +121,9 @@ def test_token_log_probs_per_position_with_metrics_and_weighted_gradients():
     torch.testing.assert_close(got, h.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, -(full.exp() * full).sum(-1).detach(), atol=1e-5, rtol=1e-5)
     assert torch.equal(top1, (h @ w.T).argmax(-1) == y) and top1.any() and not top1.all()
-    assert not ent.requires_grad and not top1.requires_grad
+    assert not top1.requires_grad
+    with pytest.raises(RuntimeError, match="entropy is computed for logging"):
+        token_log_probs(h, w, y, 16, metrics=True)[1].sum().backward()
     head = w.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="same gradient at every position"):
         (token_log_probs(h, head, y, 16)[0] * weights).sum().backward()
