@@ -188,7 +188,9 @@ class LeanCausalLMOutput(CausalLMOutputWithPast):
         return key == "logits" and "_pending" in self.__dict__ or super().__contains__(key)
 
 
-def _labelled(base: nn.Module, labels: torch.Tensor, shift_labels: torch.Tensor | None, args: tuple, kwargs: dict):
+def _labelled(
+    base: nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None, args: tuple, kwargs: dict
+):
     """Run the decoder; return its output, the head, and each position's hidden state and target (shifted as
     transformers' ForCausalLMLoss shifts them; `shift_labels` are already shifted, as context parallelism passes them)
     with the mask of labelled positions."""
@@ -233,7 +235,7 @@ def causal_lm_forward(
 def fused_head_forward(
     base: nn.Module,
     *args,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     **kwargs,
@@ -241,6 +243,8 @@ def fused_head_forward(
     """What TRL's `fused_lm_head=True` forward returns (see `smolpeft.trl`), from `token_log_probs`: the loss as
     `causal_lm_forward`'s, and per position (zero where the label is -100) the label's log-prob, the entropy and
     whether the label is the argmax, with the mask of labelled positions."""
+    if labels is None and shift_labels is None:
+        raise ValueError("fused_lm_head=True needs labels (or shift_labels) to score")
     kwargs["use_cache"] = False
     _, head, h, targets, keep = _labelled(base, labels, shift_labels, args, kwargs)
     logp, entropy, top1 = token_log_probs(h[keep], head.weight, targets[keep], metrics=True)

@@ -219,3 +219,25 @@ def test_models_that_scale_logits_keep_their_own_forward():
     batch = collate(_examples(), pad_id=0)
     model.get_base_model().config.final_logit_softcapping = 30.0
     assert "logits" in dict(model(**batch).items())  # softcapping is applied after the head: not lean
+
+
+def test_fused_head_forward_with_labels_or_shift_labels():
+    """TRL's fused-head protocol (smolpeft.trl): the loss equals transformers' with labels or with the same targets
+    pre-shifted (as context parallelism passes them), per-token log-probs are zero where the label is -100, and a
+    call with neither is refused."""
+    from smolpeft.loss import fused_head_forward
+
+    model = tiny.llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE
+    want = model(input_ids=ids, labels=labels).loss
+    a = fused_head_forward(model, input_ids=ids, labels=labels)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    b = fused_head_forward(model, input_ids=ids, shift_labels=shifted)
+    torch.testing.assert_close(a["loss"], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b["loss"], want, atol=1e-5, rtol=1e-5)
+    assert a["log_probs"].shape == (2, 8) and torch.equal(a["label_mask"], labels[:, 1:] != IGNORE)
+    assert (a["log_probs"][~a["label_mask"]] == 0).all() and (a["log_probs"][a["label_mask"]] < 0).all()
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_head_forward(model, input_ids=ids)
