@@ -67,9 +67,10 @@ class PeakRSS:
     def __enter__(self):
         self.base = self.peak = rss_mb()
         self.exact = _reset_hwm()
-        self._stop = self.exact
-        self._t = threading.Thread(target=self._watch, daemon=True)
-        self._t.start()
+        self._stop = False
+        self._t = None if self.exact else threading.Thread(target=self._watch, daemon=True)
+        if self._t:
+            self._t.start()
         return self
 
     def _watch(self):
@@ -79,7 +80,8 @@ class PeakRSS:
 
     def __exit__(self, *exc):
         self._stop = True
-        self._t.join()
+        if self._t:
+            self._t.join()
         self.peak = max(self.peak, _hwm_mb() if self.exact else rss_mb())
         self.delta = self.peak - self.base
 

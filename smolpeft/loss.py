@@ -188,9 +188,7 @@ class LeanCausalLMOutput(CausalLMOutputWithPast):
         return key == "logits" and "_pending" in self.__dict__ or super().__contains__(key)
 
 
-def _labelled(
-    base: nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None, args: tuple, kwargs: dict
-):
+def _labelled(base: nn.Module, labels: torch.Tensor | None, shift_labels: torch.Tensor | None, *args, **kwargs):
     """Run the decoder; return its output, the head, and each position's hidden state and target (shifted as
     transformers' ForCausalLMLoss shifts them; `shift_labels` are already shifted, as context parallelism passes them)
     with the mask of labelled positions."""
@@ -224,7 +222,7 @@ def causal_lm_forward(
 
     The loss is Σ CE(head(h_t), y_{t+1}) over labelled t, over `_mean`'s count: exactly transformers' ForCausalLMLoss.
     """
-    out, head, h, targets, keep = _labelled(base, labels, shift_labels, (), kwargs)
+    out, head, h, targets, keep = _labelled(base, labels, shift_labels, **kwargs)
     loss = _mean(linear_cross_entropy(h[keep], head.weight, targets[keep], chunk), keep, num_items_in_batch)
     rest = {f.name: getattr(out, f.name, None) for f in dataclasses.fields(CausalLMOutputWithPast)[2:]}
     output = LeanCausalLMOutput(loss=loss, **rest)
@@ -246,7 +244,7 @@ def fused_head_forward(
     if labels is None and shift_labels is None:
         raise ValueError("fused_lm_head=True needs labels (or shift_labels) to score")
     kwargs["use_cache"] = False
-    _, head, h, targets, keep = _labelled(base, labels, shift_labels, args, kwargs)
+    _, head, h, targets, keep = _labelled(base, labels, shift_labels, *args, **kwargs)
     logp, entropy, top1 = token_log_probs(h[keep], head.weight, targets[keep], metrics=True)
     log_probs = logp.new_zeros(keep.shape).masked_scatter(keep, logp)  # stays connected when nothing is labelled
     return {

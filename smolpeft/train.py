@@ -623,8 +623,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
                 metrics = [m for m in map(json.loads, f) if m["step"] <= state["step"]]
         log(f"resumed from {cfg.resume} at step {state['step']}")
     t_setup = time.time()  # loading, tokenizing, building the optimizer: what a run costs before its first step
+    eval_time = 0.0  # the evaluations before and after training
     if not cfg.resume:
         state["before"] = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
+        eval_time = time.time() - t_setup
         metrics.append({"step": 0, **state["before"]})
         log("before: " + ", ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
     if main_proc and not own_resume:  # a fresh run directory (an old smolpeft output goes only under overwrite)
@@ -718,7 +720,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
     # --- cleanup: final eval and outputs -----------------------------------------------------------------------
     t_after = time.time()
     after = evaluate(model, eval_ex, ds.kind, tok.pad_token_id, runner=evaluator)
-    eval_time = time.time() - t_after + t_train - t_setup
+    eval_time += time.time() - t_after
     metrics.append({"step": state["step"], **after})
     tokens = state["tokens"] - tokens_at_start
     summary = {
@@ -731,7 +733,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None, log: C
         "started_at": t_start,  # Unix time: with the process's start, what imports cost
         "wall_time_s": time.time() - t_start,
         "setup_time_s": t_setup - t_start,
-        "eval_time_s": eval_time,  # the evaluations before and after training
+        "eval_time_s": eval_time,
         "train_time_s": train_time,
         "tokens": tokens,
         "tokens_per_s": tokens / max(train_time, 1e-9),
