@@ -25,7 +25,7 @@ from .lora import BASE, AdapterState
 from .loss import causal_lm_forward, lean_applies
 from .prompt import PromptEmbedding, prepend
 from .surface import refuse
-from .tuner import CLS_HEADS, LoraModel, check_known
+from .tuner import CLS_HEADS, LoraModel, check_known, check_new
 
 # Keyword arguments of from_pretrained/load_adapter that only choose where the files come from.
 _HUB_KWARGS = {"subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download", "use_auth_token"}
@@ -111,12 +111,7 @@ class PeftModel(nn.Module):
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
             return
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
-            )
-        if adapter_name == BASE:
-            raise ValueError(f"{BASE!r} is reserved for 'no adapter' in mixed batches")
+        check_new(self.peft_config, adapter_name)
         emb = self.word_embeddings
         if peft_config.token_dim is not None and peft_config.token_dim != emb.embedding_dim:
             raise ValueError(
@@ -449,10 +444,7 @@ class PeftModel(nn.Module):
     def _load(
         self, path, config, adapter_name, is_trainable, device, ignore_sizes, dtype, autocast=True, low_cpu=False
     ) -> None:
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
-            )
+        check_new(self.peft_config, adapter_name)  # before the file is read
         checkpoint.check_header(path, self.get_base_model(), config, ignore_sizes)
         weights = checkpoint.read_weights(path, device=device)
         config.inference_mode = not is_trainable

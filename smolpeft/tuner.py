@@ -33,6 +33,14 @@ def check_known(peft_config: dict, name: str) -> None:
         raise ValueError(f"Adapter {name} does not exist; known adapters: {', '.join(peft_config) or '(none)'}")
 
 
+def check_new(peft_config: dict, name: str) -> None:
+    """Raise for a name that cannot take a new adapter: one already in the registry, or BASE (no adapter)."""
+    if name in peft_config:
+        raise ValueError(f"Adapter with name {name!r} already exists; delete_adapter() it first or pick another name")
+    if name == lora.BASE:
+        raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
+
+
 class LoraModel(nn.Module):
     """Adds, switches, merges and removes named LoRA adapters on `model` (modified in place)."""
 
@@ -83,12 +91,7 @@ class LoraModel(nn.Module):
         stay on the meta device until loaded (checkpoint.copy_into puts real tensors in their place)."""
         if autocast_adapter_dtype is not None:
             self._autocast = autocast_adapter_dtype
-        if adapter_name in self.peft_config:
-            raise ValueError(
-                f"Adapter with name {adapter_name!r} already exists; delete_adapter() it first or pick another name"
-            )
-        if adapter_name == lora.BASE:
-            raise ValueError(f"{lora.BASE!r} is reserved for 'no adapter' in mixed batches")
+        check_new(self.peft_config, adapter_name)
         msg = lora.base_rewrite_warning(config, list(self.peft_config.values()))
         if msg:
             warnings.warn(msg, stacklevel=3)
